@@ -1,0 +1,93 @@
+"""The daemon's HTTP endpoints: /healthz, /readyz, /metrics, /status.
+
+The standard library's threading server is enough for probes and a Prometheus
+scrape, and keeps a web framework out of the daemon. Handlers only call the
+callables they are given, which read snapshots; nothing here blocks ingestion.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+__all__ = ["ControlServer"]
+
+log = logging.getLogger(__name__)
+_json = msgspec.json.Encoder(enc_hook=str)
+
+
+class ControlServer:
+    """Serve health, readiness, metrics and status on ``host:port`` in a thread.
+
+    Args:
+        host: bind address (loopback by default in the config).
+        port: 0 picks a free port; `port` tells which after `start`.
+        healthy: returns (ok, reason) for /healthz: the process is making progress.
+        ready: returns (ok, reason) for /readyz: it has partitions and a broker.
+        status: returns the JSON document for /status.
+        registry: the Prometheus registry for /metrics.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        healthy: Callable[[], tuple[bool, str]],
+        ready: Callable[[], tuple[bool, str]],
+        status: Callable[[], dict[str, Any]],
+        registry: CollectorRegistry,
+    ) -> None:
+        routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+            "/healthz": lambda: _probe(healthy()),
+            "/readyz": lambda: _probe(ready()),
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
+            "/status": lambda: (200, "application/json", _json.encode(status())),
+        }
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                route = routes.get(self.path.split("?", 1)[0])
+                if route is None:
+                    code, ctype, body = 404, "text/plain", b"not found\n"
+                else:
+                    try:
+                        code, ctype, body = route()
+                    except Exception:
+                        log.exception("HTTP handler failed", extra={"fields": {"path": self.path}})
+                        code, ctype, body = 500, "text/plain", b"internal error\n"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass  # probes every few seconds would drown the structured log
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="driftloop-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _probe(result: tuple[bool, str]) -> tuple[int, str, bytes]:
+    ok, reason = result
+    return (200 if ok else 503), "text/plain", (reason + "\n").encode()

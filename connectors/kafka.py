@@ -1,0 +1,196 @@
+"""Kafka edge: the consumer, the dead-letter producer and offset commits.
+
+Everything that imports kafka-python lives here or in connectors/kafka_local.py.
+Settings that matter for throughput were measured on the target machine
+(docs/design-notes.md): ``max_poll_records`` ~2000, ``fetch_max_wait_ms`` 10-50 ms,
+synchronous commits about once a second, and the ``crc32c`` package installed.
+
+kafka-python 3 runs its network I/O on a background thread and invokes synchronous
+rebalance listeners on that thread, while the caller is blocked in ``poll()`` or
+``close()``. A listener may therefore touch the caller's state, but must not call a
+blocking consumer API (``commit``, ``committed``, ``position``): the client refuses.
+That is why the daemon's listener checkpoints into the state store and leaves the
+Kafka commit for the next regular one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from connectors.events import Reason
+
+__all__ = [
+    "DeadLetterError",
+    "DeadLetterProducer",
+    "KafkaError",
+    "Listener",
+    "TopicPartition",
+    "commit_offsets",
+    "make_consumer",
+]
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "driftloop-reason"
+ERROR_HEADER = "driftloop-error"
+SOURCE_HEADER = "driftloop-source"
+
+
+class DeadLetterError(RuntimeError):
+    """A rejected record could not be written to the dead-letter topic."""
+
+
+class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Adapts kafka-python's rebalance callbacks to two plain callables."""
+
+    def __init__(
+        self,
+        on_revoked: Callable[[set[TopicPartition]], None],
+        on_assigned: Callable[[set[TopicPartition]], None],
+    ) -> None:
+        self._on_revoked = on_revoked
+        self._on_assigned = on_assigned
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._on_revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._on_assigned(set(assigned))
+
+
+def make_consumer(settings: Any, topics: Iterable[str], listener: Listener) -> KafkaConsumer:
+    """A group consumer with manual commits, subscribed to ``topics``.
+
+    Args:
+        settings: the ``kafka`` config section (monitor.config.KafkaConfig).
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers.split(","),
+        group_id=settings.group_id,
+        client_id=settings.client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=settings.start_from,
+        max_poll_records=settings.max_poll_records,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        # Bounded in-flight memory: at most this much fetched data waits in the client.
+        fetch_max_bytes=32 * 1024 * 1024,
+        max_partition_fetch_bytes=max(1024 * 1024, settings.max_message_bytes),
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        reconnect_backoff_ms=settings.reconnect_backoff_ms,
+        reconnect_backoff_max_ms=settings.reconnect_backoff_max_ms,
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+    consumer.subscribe(topics=list(topics), listener=listener)
+    return consumer
+
+
+def commit_offsets(consumer: KafkaConsumer, offsets: dict[tuple[str, int], int],
+                   timeout_ms: int = 5_000) -> None:
+    """Commit ``(topic, partition) -> next offset`` for the partitions still assigned."""
+    assigned = consumer.assignment()
+    payload = {
+        TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+        for (t, p), o in offsets.items()
+        if TopicPartition(t, p) in assigned
+    }
+    if payload:
+        consumer.commit(payload, timeout_ms=timeout_ms)
+
+
+class DeadLetterProducer:
+    """Writes rejected records, unchanged, to the dead-letter topic.
+
+    The value and key are kept byte for byte so a fixed record can be replayed; the
+    reason, the error and the source coordinates travel in headers. Sends are
+    asynchronous; `flush` is the barrier a checkpoint waits on, so a position never
+    advances past a rejected record that is not yet safely in the dead-letter topic.
+
+    Args:
+        bootstrap_servers: comma-separated broker list.
+        topic: the dead-letter topic.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str, *, client_id: str = "driftloop",
+                 flush_timeout_s: float = 30.0, **config: Any) -> None:
+        self.topic = topic
+        self.flush_timeout_s = flush_timeout_s
+        self._producer: KafkaProducer | None = None
+        self._config = dict(
+            bootstrap_servers=bootstrap_servers.split(","),
+            client_id=f"{client_id}-dead-letter",
+            acks="all",
+            linger_ms=20,
+            retries=2_147_483_647,
+            delivery_timeout_ms=int(flush_timeout_s * 1000),
+            **config,
+        )
+        self._pending: list[Any] = []
+
+    def _client(self) -> KafkaProducer:
+        # Created on first use: a daemon whose input is clean never opens it.
+        if self._producer is None:
+            self._producer = KafkaProducer(**self._config)
+        return self._producer
+
+    def send(self, topic: str, partition: int, record: Any, reason: Reason, detail: str) -> None:
+        headers = [
+            (REASON_HEADER, reason.value.encode()),
+            (ERROR_HEADER, detail[:1000].encode("utf-8", "replace")),
+            (SOURCE_HEADER, f"{topic}/{partition}/{record.offset}".encode()),
+        ]
+        # A null value (tombstone) with no key is legal in Kafka but not in the
+        # client's send(); an empty value carries the same information.
+        value = b"" if record.value is None else record.value
+        future = self._client().send(self.topic, key=record.key, value=value, headers=headers)
+        self._pending.append(future)
+
+    def flush(self) -> None:
+        """Wait until every pending record is acknowledged.
+
+        Raises:
+            DeadLetterError: some record was not acknowledged within the timeout; it
+                is kept and sent again on the next flush.
+        """
+        if not self._pending:
+            return
+        producer = self._client()
+        deadline = time.monotonic() + self.flush_timeout_s
+        try:
+            producer.flush(timeout=self.flush_timeout_s)
+        except KafkaError as exc:
+            log.warning("dead-letter flush timed out", extra={"fields": {"error": str(exc)}})
+        failed = []
+        for future in self._pending:
+            if not future.is_done:
+                remaining = max(0.0, deadline - time.monotonic())
+                try:
+                    future.get(timeout=remaining)
+                except Exception:
+                    failed.append(future)
+                    continue
+            if future.failed():
+                failed.append(future)
+        self._pending = []
+        if failed:
+            # Not re-sent here: the caller's checkpoint fails, everything since the
+            # last checkpoint is read again, and these records are rejected again.
+            msg = f"{len(failed)} dead-letter record(s) not acknowledged by topic {self.topic}"
+            raise DeadLetterError(msg)
+
+    def discard(self) -> None:
+        """Forget pending sends (after a rewind they will be produced again)."""
+        self._pending = []
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=timeout_s)
+            self._producer = None

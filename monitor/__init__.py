@@ -1,0 +1,1 @@
+"""driftloop monitor: windows, statistics, incidents and the daemon that wires them."""

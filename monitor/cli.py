@@ -1,0 +1,69 @@
+"""The ``driftloop`` command.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error (one line on
+stderr naming the file, key or variable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+from monitor.config import Config, ConfigError, load_config
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="driftloop",
+        description="Keep a production recommender healthy: monitor, alert, retrain, promote.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", "-c", help="YAML config file (env DRIFTLOOP__* overrides)")
+    status = sub.add_parser("status", help="print the running daemon's /status")
+    status.add_argument("--config", "-c", help="YAML config file")
+    check = sub.add_parser("check-config", help="validate the config and print it resolved")
+    check.add_argument("--config", "-c", help="YAML config file")
+    return parser
+
+
+def _load(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"driftloop: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = _load(args.config)
+    if args.command == "check-config":
+        import msgspec
+
+        print(msgspec.json.format(msgspec.json.encode(config)).decode())
+        return 0
+    if args.command == "status":
+        host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
+        url = f"http://{host}:{config.http.port}/status"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                print(json.dumps(json.load(resp), indent=2))
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"driftloop: no daemon answering at {url}: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    from monitor.daemon import run_daemon
+    from monitor.logs import setup_logging
+
+    setup_logging(config.logging.level)
+    return run_daemon(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The daemon: the composition root that wires Kafka, ingestion, state and HTTP.
+
+The loop is deliberately plain: poll, ingest, checkpoint when due, commit. All the
+delivery logic is in monitor/ingest.py; this module owns the process's lifecycle:
+start-up recovery, the rebalance callbacks, errors from the Kafka client (logged,
+counted and retried with backoff, never fatal), and graceful shutdown on SIGTERM
+(finish the batch, checkpoint, commit, close, exit 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from connectors.events import EventKind
+from connectors.http import ControlServer
+from connectors.kafka import (
+    DeadLetterProducer,
+    KafkaError,
+    Listener,
+    TopicPartition,
+    commit_offsets,
+    make_consumer,
+)
+from connectors.state import StateStore
+from connectors.store import FeedbackStore, SpillFiles
+from monitor.config import Config
+from monitor.ingest import Ingestor
+from monitor.metrics import Metrics
+from monitor.windows import WindowSpec
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger(__name__)
+
+#: /healthz fails when the loop has not turned for this long (a wedged process).
+STALL_SECONDS = 60.0
+#: ... or when this many checkpoints in a row failed (a full disk, a broken store).
+MAX_CHECKPOINT_FAILURES = 5
+
+
+class Daemon:
+    """One driftloop process.
+
+    Args:
+        config: the validated configuration.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._stop = threading.Event()
+        self._started = time.time()
+        self._last_loop = time.monotonic()
+        self._last_poll_ok: float | None = None
+        self._ready = False
+        k = config.kafka
+        self.topics = {k.predictions_topic: EventKind.PREDICTION,
+                       k.feedback_topic: EventKind.FEEDBACK}
+        storage = config.storage
+        self.state = StateStore(storage.state_path, group_id=k.group_id,
+                                instance=config.instance)
+        self.dead_letters = DeadLetterProducer(k.bootstrap_servers, k.dead_letter_topic,
+                                               client_id=k.client_id)
+        spec = WindowSpec(
+            size_ms=config.windows.size_seconds * 1000,
+            allowed_lateness_ms=config.windows.allowed_lateness_seconds * 1000,
+            idle_timeout_ms=config.windows.idle_timeout_seconds * 1000,
+        )
+        self.ingestor = Ingestor(
+            self.topics, spec, state=self.state, store=FeedbackStore(storage.store_path),
+            spills=SpillFiles(storage.spill_path), dead_letters=self.dead_letters,
+            metrics=self.metrics, max_message_bytes=k.max_message_bytes)
+        self.http = ControlServer(
+            config.http.host, config.http.port, healthy=self._healthy, ready=self._readiness,
+            status=self.status, registry=self.metrics.registry)
+        self._consumer: Any = None
+        self._pending_seeks: dict[tuple[str, int], int] = {}
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, checkpoint and exit (signal-safe)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def run(self) -> int:
+        """Run until `stop`; returns the process exit code."""
+        self.http.start()
+        log.info("driftloop started", extra={"fields": {
+            "instance": self.config.instance, "group": self.config.kafka.group_id,
+            "topics": sorted(self.topics), "http_port": self.http.port}})
+        backoff = 0.1
+        try:
+            while not self._stop.is_set():
+                self._last_loop = time.monotonic()
+                if self._consumer is None:
+                    try:
+                        self._consumer = make_consumer(
+                            self.config.kafka, self.topics, Listener(self._revoked, self._assigned))
+                        backoff = 0.1
+                    except KafkaError as exc:
+                        log.warning("cannot reach Kafka, retrying", extra={"fields": {
+                            "error": str(exc), "retry_in_s": backoff}})
+                        self._stop.wait(backoff)
+                        backoff = min(backoff * 2, 10.0)
+                        continue
+                self._ready = True
+                self._turn()
+            self._checkpoint(commit=True)
+        finally:
+            self._shutdown()
+        log.info("driftloop stopped", extra={"fields": {"instance": self.config.instance}})
+        return 0
+
+    def _turn(self) -> None:
+        """One iteration: poll, ingest, maybe checkpoint."""
+        consumer = self._consumer
+        self._apply_seeks()
+        try:
+            polled = consumer.poll(timeout_ms=200)
+            self._last_poll_ok = time.monotonic()
+        except KafkaError as exc:
+            self.metrics.poll_errors.inc()
+            log.warning("poll failed", extra={"fields": {"error": repr(exc)}})
+            self._stop.wait(0.5)
+            return
+        by_topic: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+        for tp, records in polled.items():
+            by_topic[tp.topic].append((tp.partition, records))
+        for topic, batches in by_topic.items():
+            self.ingestor.ingest(topic, batches)
+        for tp in consumer.assignment():
+            self.ingestor.set_caught_up(tp.topic, tp.partition, consumer.highwater(tp))
+        cp = self.config.checkpoint
+        last = self._last_checkpoint_at
+        if (self.ingestor.buffered_rows >= cp.max_buffered_rows
+                or time.monotonic() - last >= cp.interval_seconds):
+            self._checkpoint(commit=True)
+
+    _last_checkpoint_at = 0.0
+
+    def _checkpoint(self, *, commit: bool) -> bool:
+        self._last_checkpoint_at = time.monotonic()
+        try:
+            result = self.ingestor.checkpoint()
+        except Exception as exc:
+            log.error("checkpoint failed; rewinding to the last durable position",
+                      extra={"fields": {"error": repr(exc)}})
+            self.dead_letters.discard()
+            self._pending_seeks.update(self.ingestor.recover())
+            return False
+        if result.windows_closed or result.rows_stored:
+            log.info("windows closed", extra={"fields": {
+                "windows": result.windows_closed, "rows": result.rows_stored,
+                "seconds": round(result.seconds, 3)}})
+        if commit and self._consumer is not None and result.offsets:
+            t0 = time.perf_counter()
+            try:
+                commit_offsets(self._consumer, result.offsets)
+                self.metrics.commit_seconds.observe(time.perf_counter() - t0)
+            except (KafkaError, RuntimeError) as exc:
+                # Harmless: the state store holds the positions; Kafka's copy is for
+                # lag tooling and catches up on the next checkpoint.
+                self.metrics.commit_failures.inc()
+                log.warning("Kafka offset commit failed", extra={"fields": {"error": repr(exc)}})
+        return True
+
+    def _apply_seeks(self) -> None:
+        if not self._pending_seeks or self._consumer is None:
+            return
+        assigned = self._consumer.assignment()
+        for (topic, p), offset in self._pending_seeks.items():
+            tp = TopicPartition(topic, p)
+            if tp in assigned:
+                self._consumer.seek(tp, offset)
+        self._pending_seeks.clear()
+
+    # -- rebalance callbacks (run on kafka-python's I/O thread while poll() blocks) --
+
+    def _revoked(self, partitions: set[TopicPartition]) -> None:
+        self.metrics.rebalances.inc()
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        # Rows of these partitions must be durable before another consumer reads
+        # them from the stored position; if that fails they are discarded and the
+        # new owner reads them again (the positions did not move).
+        self._checkpoint(commit=False)
+        self.ingestor.revoke(keys)
+        for key in keys:
+            self._pending_seeks.pop(key, None)
+        log.info("partitions revoked", extra={"fields": {"partitions": sorted(keys)}})
+
+    def _assigned(self, partitions: set[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        seeks = self.ingestor.assign(keys)
+        for (topic, p), offset in seeks.items():
+            # seek() only updates client state: allowed on the I/O thread.
+            self._consumer.seek(TopicPartition(topic, p), offset)
+        log.info("partitions assigned", extra={"fields": {
+            "partitions": sorted(keys), "resumed_from_state": len(seeks)}})
+
+    def _shutdown(self) -> None:
+        if self._consumer is not None:
+            try:
+                # close() revokes through the listener; everything is already durable.
+                self._consumer.close()
+            except Exception as exc:
+                log.warning("consumer close failed", extra={"fields": {"error": repr(exc)}})
+        self.dead_letters.close()
+        self.http.stop()
+        self.state.close()
+
+    # -- health and status ---------------------------------------------------------
+
+    def _healthy(self) -> tuple[bool, str]:
+        stalled = time.monotonic() - self._last_loop
+        if stalled > STALL_SECONDS:
+            return False, f"main loop stalled for {stalled:.0f}s"
+        if self.ingestor.consecutive_failures >= MAX_CHECKPOINT_FAILURES:
+            return False, f"{self.ingestor.consecutive_failures} checkpoints failed in a row"
+        return True, "ok"
+
+    def _readiness(self) -> tuple[bool, str]:
+        if not self._ready:
+            return False, "not connected to Kafka yet"
+        if self._last_poll_ok is None or time.monotonic() - self._last_poll_ok > 30:
+            return False, "no successful poll in the last 30s"
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        def counter_values(counter: Any) -> dict[str, float]:
+            out = {}
+            for metric in counter.collect():
+                for s in metric.samples:
+                    if s.name.endswith("_total"):
+                        out["/".join(s.labels.values())] = s.value
+            return out
+
+        assignment: list[str] = []
+        if self._consumer is not None:
+            assignment = sorted(f"{tp.topic}[{tp.partition}]" for tp in self._consumer.assignment())
+        return {
+            "instance": self.config.instance,
+            "group_id": self.config.kafka.group_id,
+            "uptime_s": round(time.time() - self._started, 1),
+            "http_port": self.http.port,
+            "assignment": assignment,
+            "ingest": self.ingestor.status(),
+            "events_in": counter_values(self.metrics.events_in),
+            "events_stored": counter_values(self.metrics.events_stored),
+            "dead_letters": counter_values(self.metrics.dead_letters),
+        }
+
+
+def run_daemon(config: Config, *, on_ready: Callable[[Daemon], None] | None = None) -> int:
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    if on_ready is not None:
+        on_ready(daemon)
+    return daemon.run()

@@ -1,0 +1,177 @@
+"""Event-time tumbling windows: assignment, watermarks and lateness.
+
+Pure logic: no I/O, no clock of its own (callers pass ``now_ms``), so every rule here
+is tested with injected time.
+
+The watermark of a topic is the minimum, over the partitions that are *live*, of the
+largest event time seen on each, minus the allowed lateness (Flink's bounded
+out-of-orderness per partition). Taking the minimum across partitions matters when a
+backlog is replayed: kafka-python fetches partitions unevenly, and a global maximum
+would declare a slow partition's perfectly punctual events late.
+
+A partition stops holding the watermark back when it goes idle (no record for
+``idle_timeout_ms`` of wall time), or when it has never produced a record and the
+consumer knows it is caught up with its high watermark. Without that rule one empty
+partition would keep every window open forever.
+
+An event is *late* only when its window has already been finalised, i.e. its end is at
+or before ``closed_upto``; windows are finalised by the daemon at checkpoints, which
+is why the watermark and the closing point are separate numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = ["PartitionClock", "TopicClock", "WindowSpec"]
+
+HOUR_MS = 3_600_000
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSpec:
+    """How events are cut into windows.
+
+    Args:
+        size_ms: window length; must divide one hour so that a window never straddles
+            the feedback store's hourly partitions.
+        allowed_lateness_ms: how far behind the newest event of a partition an event
+            may be and still count in its window.
+        idle_timeout_ms: wall time without records after which a partition no longer
+            holds the watermark back.
+
+    Example:
+        >>> spec = WindowSpec(size_ms=60_000)
+        >>> int(spec.window_start(np.array([61_500]))[0])
+        60000
+    """
+
+    size_ms: int = 60_000
+    allowed_lateness_ms: int = 30_000
+    idle_timeout_ms: int = 60_000
+
+    def __post_init__(self) -> None:
+        if self.size_ms <= 0 or HOUR_MS % self.size_ms != 0:
+            msg = f"window size {self.size_ms} ms must be positive and divide one hour (3600000 ms)"
+            raise ValueError(msg)
+        if self.allowed_lateness_ms < 0:
+            msg = f"allowed lateness {self.allowed_lateness_ms} ms must be >= 0"
+            raise ValueError(msg)
+        if self.idle_timeout_ms <= 0:
+            msg = f"idle timeout {self.idle_timeout_ms} ms must be > 0"
+            raise ValueError(msg)
+
+    def window_start(self, ts_ms: np.ndarray) -> np.ndarray:
+        return ts_ms - ts_ms % self.size_ms
+
+
+@dataclasses.dataclass
+class PartitionClock:
+    """What the watermark needs to know about one partition."""
+
+    max_ts_ms: int | None = None
+    last_record_wall_ms: int | None = None
+    assigned_wall_ms: int = 0
+    caught_up: bool = False
+
+
+class TopicClock:
+    """Watermark and closing point of one topic over the partitions this process owns.
+
+    Example:
+        >>> clock = TopicClock(WindowSpec(size_ms=60_000, allowed_lateness_ms=10_000))
+        >>> clock.assign([0, 1], now_ms=0)
+        >>> clock.observe(0, max_ts_ms=200_000, now_ms=1)
+        >>> clock.observe(1, max_ts_ms=130_000, now_ms=1)
+        >>> clock.watermark(now_ms=2)
+        120000
+        >>> clock.closable_upto(now_ms=2)
+        120000
+    """
+
+    def __init__(self, spec: WindowSpec, closed_upto_ms: int | None = None) -> None:
+        self.spec = spec
+        self._partitions: dict[int, PartitionClock] = {}
+        self._closed_upto = closed_upto_ms
+
+    @property
+    def closed_upto_ms(self) -> int | None:
+        """Every window ending at or before this time has been finalised."""
+        return self._closed_upto
+
+    @property
+    def partitions(self) -> dict[int, PartitionClock]:
+        return self._partitions
+
+    def assign(self, partitions: Iterable[int], now_ms: int,
+               max_ts_ms: dict[int, int | None] | None = None) -> None:
+        for p in partitions:
+            known = (max_ts_ms or {}).get(p)
+            self._partitions[p] = PartitionClock(max_ts_ms=known, assigned_wall_ms=now_ms)
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        for p in partitions:
+            self._partitions.pop(p, None)
+
+    def observe(self, partition: int, max_ts_ms: int, now_ms: int) -> None:
+        """Record that ``partition`` delivered records up to event time ``max_ts_ms``."""
+        pc = self._partitions.setdefault(partition, PartitionClock(assigned_wall_ms=now_ms))
+        if pc.max_ts_ms is None or max_ts_ms > pc.max_ts_ms:
+            pc.max_ts_ms = max_ts_ms
+        pc.last_record_wall_ms = now_ms
+
+    def set_caught_up(self, partition: int, caught_up: bool) -> None:
+        pc = self._partitions.get(partition)
+        if pc is not None:
+            pc.caught_up = caught_up
+
+    def _holds_back(self, pc: PartitionClock, now_ms: int) -> bool:
+        idle = self.spec.idle_timeout_ms
+        if pc.last_record_wall_ms is not None:
+            return now_ms - pc.last_record_wall_ms < idle
+        # Never delivered anything since assignment: wait for its backlog unless the
+        # consumer already knows there is none.
+        return not pc.caught_up and now_ms - pc.assigned_wall_ms < idle
+
+    def watermark(self, now_ms: int) -> int | None:
+        """The event time up to which this topic's data is considered complete.
+
+        ``None`` while a live partition has not delivered anything yet.
+        """
+        live = [pc for pc in self._partitions.values() if self._holds_back(pc, now_ms)]
+        if live:
+            if any(pc.max_ts_ms is None for pc in live):
+                return None
+            return min(pc.max_ts_ms for pc in live) - self.spec.allowed_lateness_ms  # type: ignore[type-var,operator]
+        seen = [pc.max_ts_ms for pc in self._partitions.values() if pc.max_ts_ms is not None]
+        if not seen:
+            return None
+        # Everything is idle: the stream paused, so finalise up to the end of the
+        # window holding the newest event instead of waiting for traffic to resume.
+        newest = max(seen)
+        return newest - newest % self.spec.size_ms + self.spec.size_ms
+
+    def closable_upto(self, now_ms: int) -> int | None:
+        """Window-aligned point up to which windows may be finalised now (monotone)."""
+        wm = self.watermark(now_ms)
+        if wm is None:
+            return self._closed_upto
+        aligned = wm - wm % self.spec.size_ms
+        if self._closed_upto is not None and aligned < self._closed_upto:
+            return self._closed_upto
+        return aligned
+
+    def mark_closed(self, upto_ms: int) -> None:
+        """Record that windows ending at or before ``upto_ms`` are final."""
+        if self._closed_upto is None or upto_ms > self._closed_upto:
+            self._closed_upto = upto_ms
+
+    def late_mask(self, window_start_ms: np.ndarray) -> np.ndarray:
+        """Which events fall into windows that are already final."""
+        if self._closed_upto is None:
+            return np.zeros(window_start_ms.shape, dtype=bool)
+        result: np.ndarray = window_start_ms + self.spec.size_ms <= self._closed_upto
+        return result

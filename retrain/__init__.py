@@ -1,0 +1,1 @@
+"""driftloop retrain: policy, training, evaluation and promotion."""

@@ -1,0 +1,119 @@
+"""The event contract: every valid event decodes to the right columns, every bad one
+to its reason, and no input of any shape raises."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connectors.events import (
+    EventKind,
+    Feedback,
+    Prediction,
+    Reason,
+    decode_batch,
+)
+from tests.events_gen import BASE_TS_MS, bad_predictions, encode, feedback, prediction
+
+MAX = 4096
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
+
+
+@pytest.mark.parametrize(("raw", "reason"), bad_predictions(MAX), ids=lambda x: str(x)[:30])
+def test_each_bad_prediction_is_rejected_with_its_reason(raw: bytes, reason: str) -> None:
+    good = encode(prediction(1, BASE_TS_MS))
+    batch = decode_batch(EventKind.PREDICTION, [good, raw, good], max_bytes=MAX)
+    assert [f.index for f in batch.failures] == [1]
+    assert batch.failures[0].reason == Reason(reason)
+    assert batch.failures[0].detail
+    assert batch.index.tolist() == [0, 2]
+    assert batch.table.num_rows == 2
+
+
+def test_valid_prediction_becomes_typed_columns() -> None:
+    event = prediction(7, BASE_TS_MS + 1234)
+    batch = decode_batch(EventKind.PREDICTION, [encode(event)], max_bytes=MAX)
+    row = batch.table.to_pylist()[0]
+    assert row["prediction_id"] == "p-7"
+    assert int(batch.ts_ms[0]) == BASE_TS_MS + 1234
+    assert row["score"] == event["score"]
+    assert row["rank"] == event["rank"]
+    assert row["f.age"] == float(event["features"]["age"])
+    assert row["f.country"] == event["features"]["country"]
+    assert row["f.is_new"] == float(event["features"]["is_new"])
+    assert batch.table.schema.field("ts").type.tz == "UTC"
+
+
+def test_rfc3339_and_epoch_ms_give_the_same_event_time() -> None:
+    a = prediction(1, BASE_TS_MS + 500)
+    b = {**a, "ts": "2026-01-01T01:00:00.500+01:00"}
+    batch = decode_batch(EventKind.PREDICTION, [encode(a), encode(b)], max_bytes=MAX)
+    assert batch.ts_ms.tolist() == [BASE_TS_MS + 500, BASE_TS_MS + 500]
+
+
+def test_naive_rfc3339_time_is_rejected_not_guessed() -> None:
+    event = {**prediction(1, 0), "ts": "2026-01-01T00:00:00"}
+    batch = decode_batch(EventKind.PREDICTION, [encode(event)], max_bytes=MAX)
+    assert batch.failures[0].reason is Reason.SCHEMA_VIOLATION
+    assert "timezone" in batch.failures[0].detail
+
+
+def test_unknown_fields_are_accepted() -> None:
+    event = {**prediction(1, BASE_TS_MS), "experiment": {"arm": "b"}, "extra": [1, 2]}
+    batch = decode_batch(EventKind.PREDICTION, [encode(event)], max_bytes=MAX)
+    assert batch.table.num_rows == 1 and not batch.failures
+
+
+def test_integer_ids_are_stored_as_strings() -> None:
+    event = {**prediction(1, BASE_TS_MS), "user_id": 42, "item_id": 7, "model_version": 3}
+    row = decode_batch(EventKind.PREDICTION, [encode(event)], max_bytes=MAX).table.to_pylist()[0]
+    assert (row["user_id"], row["item_id"], row["model_version"]) == ("42", "7", "3")
+
+
+def test_feature_mixing_numbers_and_strings_keeps_every_value_as_text() -> None:
+    a = {**prediction(1, BASE_TS_MS), "features": {"zip": 10115}}
+    b = {**prediction(2, BASE_TS_MS), "features": {"zip": "SW1A"}}
+    c = {**prediction(3, BASE_TS_MS), "features": {"zip": None, "flag": True}}
+    table = decode_batch(EventKind.PREDICTION, [encode(x) for x in (a, b, c)], max_bytes=MAX).table
+    assert table.column("f.zip").to_pylist() == ["10115", "SW1A", None]
+    assert table.column("f.flag").to_pylist() == [None, None, 1.0]
+
+
+def test_feedback_decodes_and_rejects() -> None:
+    good = encode(feedback(1, BASE_TS_MS, "like"))
+    bad_type = encode({**feedback(2, BASE_TS_MS), "type": ""})
+    wrong_schema = encode({**feedback(3, BASE_TS_MS), "schema": "prediction/v1"})
+    inf_value = encode({**feedback(4, BASE_TS_MS), "value": 1}).replace(b'"value":1', b'"value":1e999')
+    batch = decode_batch(EventKind.FEEDBACK, [good, bad_type, wrong_schema, inf_value], max_bytes=MAX)
+    assert batch.table.to_pylist()[0]["type"] == "like"
+    assert [(f.index, f.reason) for f in batch.failures] == [
+        (1, Reason.SCHEMA_VIOLATION), (2, Reason.UNKNOWN_SCHEMA), (3, Reason.NON_FINITE)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda i, s: encode({**prediction(i, BASE_TS_MS), "score": s}),
+              st.integers(0, 10**6), st.floats(allow_nan=False, allow_infinity=False)),
+    st.builds(lambda d: json.dumps(d).encode(),
+              st.dictionaries(st.text(max_size=12), st.none() | st.integers() | st.text())),
+), max_size=30))
+def test_any_input_is_either_a_row_or_a_failure_and_never_raises(values: list[bytes]) -> None:
+    batch = decode_batch(EventKind.PREDICTION, values, max_bytes=MAX)
+    failed = [f.index for f in batch.failures]
+    assert sorted(failed + batch.index.tolist()) == list(range(len(values)))
+    assert batch.table.num_rows == len(batch.index) == len(batch.ts_ms)
+    assert all(0.0 <= s <= 1.0 for s in batch.table.column("score").to_pylist()) if len(batch.index) else True
+
+
+@pytest.mark.parametrize(("struct", "name"), [(Prediction, "prediction-v1"), (Feedback, "feedback-v1")])
+def test_published_json_schema_matches_the_structs(struct: type, name: str) -> None:
+    published = json.loads((DOCS / f"{name}.schema.json").read_text())
+    generated = msgspec.json.schema(struct)
+    assert published == json.loads(msgspec.json.encode(generated)), (
+        f"docs/schemas/{name}.schema.json is stale: run `python -m connectors.schemas`")
