@@ -65,13 +65,20 @@ class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._on_assigned(set(assigned))
 
 
-def make_consumer(settings: Any, topics: Iterable[str], listener: Listener) -> KafkaConsumer:
+def make_consumer(settings: Any, topics: Iterable[str], listener: Listener,
+                  instance: str) -> KafkaConsumer:
     """A group consumer with manual commits, subscribed to ``topics``.
 
     Args:
         settings: the ``kafka`` config section (monitor.config.KafkaConfig).
+        instance: this process's stable name; with static membership (KIP-345) it
+            is the ``group.instance.id``, so a restarted process takes its old
+            partitions back at once instead of waiting out the session timeout of
+            its dead predecessor and rebalancing everybody twice.
     """
+    static = {"group_instance_id": instance} if settings.static_membership else {}
     consumer = KafkaConsumer(
+        **static,
         bootstrap_servers=settings.bootstrap_servers.split(","),
         group_id=settings.group_id,
         client_id=settings.client_id,
@@ -130,7 +137,9 @@ class DeadLetterProducer:
             acks="all",
             linger_ms=20,
             retries=2_147_483_647,
+            # The client insists delivery > linger + request timeout.
             delivery_timeout_ms=int(flush_timeout_s * 1000),
+            request_timeout_ms=min(10_000, int(flush_timeout_s * 1000) - 100),
             **config,
         )
         self._pending: list[Any] = []

@@ -7,7 +7,9 @@ stderr naming the file, key or variable).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -62,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from monitor.logs import setup_logging
 
     setup_logging(config.logging.level)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: the first thing to
+    # look at when a daemon seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     return run_daemon(config)
 
 

@@ -53,6 +53,9 @@ class KafkaConfig(_Section):
     #: The default of 500 ms stalls busy partitions when others are quiet.
     fetch_max_wait_ms: int = 20
     max_message_bytes: int = 1_048_576
+    #: Static group membership (group.instance.id = instance_id): restarts keep their
+    #: partitions without a rebalance. Two processes must never share an instance_id.
+    static_membership: bool = True
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
@@ -70,9 +73,19 @@ class KafkaConfig(_Section):
 
 
 class WindowConfig(_Section):
+    #: Must divide one hour, so a window never straddles an hourly store partition.
     size_seconds: int = 60
     allowed_lateness_seconds: int = 30
     idle_timeout_seconds: int = 60
+
+    def __post_init__(self) -> None:
+        if self.size_seconds <= 0 or 3600 % self.size_seconds:
+            msg = f"windows.size_seconds must divide 3600, got {self.size_seconds}"
+            raise ValueError(msg)
+        if self.allowed_lateness_seconds < 0:
+            msg = f"windows.allowed_lateness_seconds must be >= 0, got {self.allowed_lateness_seconds}"
+            raise ValueError(msg)
+        _positive("windows.idle_timeout_seconds", self.idle_timeout_seconds)
 
 
 class CheckpointConfig(_Section):
@@ -184,7 +197,9 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            msg = f"config file {path} is not valid YAML: {exc}"
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            msg = f"config file {path} is not valid YAML{line}: {getattr(exc, 'problem', exc)}"
             raise ConfigError(msg) from None
         if loaded is None:
             loaded = {}

@@ -81,6 +81,7 @@ class Daemon:
             status=self.status, registry=self.metrics.registry)
         self._consumer: Any = None
         self._pending_seeks: dict[tuple[str, int], int] = {}
+        self._backoff = 0.1
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -98,20 +99,19 @@ class Daemon:
         log.info("driftloop started", extra={"fields": {
             "instance": self.config.instance, "group": self.config.kafka.group_id,
             "topics": sorted(self.topics), "http_port": self.http.port}})
-        backoff = 0.1
         try:
             while not self._stop.is_set():
                 self._last_loop = time.monotonic()
                 if self._consumer is None:
                     try:
                         self._consumer = make_consumer(
-                            self.config.kafka, self.topics, Listener(self._revoked, self._assigned))
-                        backoff = 0.1
+                            self.config.kafka, self.topics,
+                            Listener(self._revoked, self._assigned), self.config.instance)
                     except KafkaError as exc:
                         log.warning("cannot reach Kafka, retrying", extra={"fields": {
-                            "error": str(exc), "retry_in_s": backoff}})
-                        self._stop.wait(backoff)
-                        backoff = min(backoff * 2, 10.0)
+                            "error": str(exc), "retry_in_s": self._backoff}})
+                        self._stop.wait(self._backoff)
+                        self._backoff = min(self._backoff * 2, 10.0)
                         continue
                 self._ready = True
                 self._turn()
@@ -131,11 +131,13 @@ class Daemon:
         except KafkaError as exc:
             self.metrics.poll_errors.inc()
             log.warning("poll failed", extra={"fields": {"error": repr(exc)}})
-            self._stop.wait(0.5)
+            self._reconnect()
             return
         by_topic: dict[str, list[tuple[int, Any]]] = defaultdict(list)
         for tp, records in polled.items():
             by_topic[tp.topic].append((tp.partition, records))
+        if polled:
+            self._backoff = 0.1
         for topic, batches in by_topic.items():
             self.ingestor.ingest(topic, batches)
         for tp in consumer.assignment():
@@ -168,11 +170,37 @@ class Daemon:
                 commit_offsets(self._consumer, result.offsets)
                 self.metrics.commit_seconds.observe(time.perf_counter() - t0)
             except (KafkaError, RuntimeError) as exc:
-                # Harmless: the state store holds the positions; Kafka's copy is for
-                # lag tooling and catches up on the next checkpoint.
+                # Harmless for the data: the state store holds the positions; Kafka's
+                # copy is for lag tooling. But a failed commit means the coordinator
+                # was unreachable, and kafka-python 3 was seen not to resume fetching
+                # after a broker restart: start from a fresh client.
                 self.metrics.commit_failures.inc()
                 log.warning("Kafka offset commit failed", extra={"fields": {"error": repr(exc)}})
+                self._reconnect()
         return True
+
+    def _reconnect(self) -> None:
+        """Drop the consumer and build a new one on the next turn.
+
+        Everything consumed is durable at this point (or was just rewound), and the
+        new consumer is seeked to the stored positions when its partitions are
+        assigned, so nothing is lost or read twice. With static membership the new
+        consumer takes the old one's place in the group without a rebalance.
+        """
+        # Whatever is buffered becomes durable first (or is rewound), so the new
+        # consumer's seeks to the stored positions cannot re-read buffered rows.
+        if self.ingestor.buffered_rows:
+            self._checkpoint(commit=False)
+        consumer, self._consumer = self._consumer, None
+        self._ready = False
+        if consumer is not None:
+            try:
+                consumer.close(timeout_ms=2_000)
+            except Exception as exc:
+                log.warning("consumer close failed", extra={"fields": {"error": repr(exc)}})
+        self.metrics.reconnects.inc()
+        self._stop.wait(self._backoff)
+        self._backoff = min(self._backoff * 2, 10.0)
 
     def _apply_seeks(self) -> None:
         if not self._pending_seeks or self._consumer is None:

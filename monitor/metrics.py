@@ -58,6 +58,9 @@ class Metrics:
             ["topic"], registry=r)
         self.rebalances = Counter(
             "driftloop_rebalances_total", "Partition revocations handled.", registry=r)
+        self.reconnects = Counter(
+            "driftloop_kafka_reconnects_total",
+            "Consumers rebuilt after the broker or coordinator was unreachable.", registry=r)
         self.poll_errors = Counter(
             "driftloop_poll_errors_total", "Errors raised by the Kafka client while polling.",
             registry=r)
