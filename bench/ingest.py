@@ -59,7 +59,7 @@ def _produce_part(bootstrap: str, topic: str, start: int, stop: int, partition: 
 
     enc = msgspec.json.Encoder()
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=50, batch_size=512 * 1024,
-                             acks=1, buffer_memory=128 * 1024 * 1024)
+                             acks=1)
     for i in range(start, stop):
         producer.send(topic, value=enc.encode(_event(i)), partition=partition)
     producer.flush(timeout=600)

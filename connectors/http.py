@@ -52,7 +52,7 @@ class ControlServer:
         }
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            def do_GET(self) -> None:
                 route = routes.get(self.path.split("?", 1)[0])
                 if route is None:
                     code, ctype, body = 404, "text/plain", b"not found\n"
@@ -68,7 +68,7 @@ class ControlServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # probes every few seconds would drown the structured log
 
         self._server = ThreadingHTTPServer((host, port), Handler)

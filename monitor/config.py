@@ -91,7 +91,7 @@ class WindowConfig(_Section):
 class CheckpointConfig(_Section):
     #: How often buffered rows become durable and offsets advance. After a crash at
     #: most this much is consumed again (and deduplicated by the positions table).
-    interval_seconds: float = 5.0
+    interval_seconds: float = 1.0
     #: A checkpoint is forced sooner when this many rows are buffered: the bound on
     #: the daemon's in-flight memory.
     max_buffered_rows: int = 200_000

@@ -35,7 +35,6 @@ import pyarrow as pa
 
 from connectors.events import DecodeFailure, EventKind, Reason, decode_batch
 from connectors.state import (
-    PositionConflict,
     PositionUpdate,
     SegmentRecord,
     SpillRecord,

@@ -69,7 +69,7 @@ def test_defaults_need_no_file() -> None:
 def test_window_that_does_not_divide_an_hour_is_rejected_at_load(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("windows:\n  size_seconds: 7\n")
-    with pytest.raises(ConfigError, match="windows.size_seconds"):
+    with pytest.raises(ConfigError, match=r"windows\.size_seconds"):
         load_config(cfg, environ={})
 
 

@@ -94,7 +94,7 @@ def test_valid_events_stored_once_and_bad_ones_dead_lettered_with_reasons(
             src_topic, _, _ = headers["driftloop-source"].decode().rsplit("/", 2)
             assert src_topic in (topics["predictions"], topics["feedback"])
             assert headers["driftloop-error"]
-        raw_bad = sorted(raw for raw, _ in bad) + [b'{"schema":"feedback/v1"}']
+        raw_bad = [*sorted(raw for raw, _ in bad), b'{"schema":"feedback/v1"}']
         assert sorted(m.value for m in dead) == sorted(raw_bad), "DLQ must keep the raw bytes"
 
         for topic in (topics["predictions"], topics["feedback"]):
@@ -105,7 +105,8 @@ def test_valid_events_stored_once_and_bad_ones_dead_lettered_with_reasons(
         code, metrics = daemon.get("/metrics")
         assert code == 200
         text = metrics.decode()
-        assert f'driftloop_dead_letter_total{{reason="oversized",topic="{topics["predictions"]}"}} 1.0' in text
+        oversized = f'reason="oversized",topic="{topics["predictions"]}"'
+        assert f"driftloop_dead_letter_total{{{oversized}}} 1.0" in text
         assert "driftloop_consumer_lag{" in text
         assert "driftloop_kafka_commit_seconds_count" in text
         assert daemon.get("/healthz")[0] == 200
