@@ -136,7 +136,7 @@ def main() -> int:
             print(f"  daemon exit code after SIGTERM: {code}")
             ok = preds.num_rows == i - sent_bad and code == 0
             print("  every valid prediction stored exactly once:",
-                  "yes" if ok and preds.column("prediction_id").unique().length() == preds.num_rows else "NO")
+                  "yes" if ok and len(preds.column("prediction_id").unique()) == preds.num_rows else "NO")
             return 0 if ok else 1
         finally:
             if daemon is not None and daemon.poll() is None:
