@@ -110,17 +110,6 @@ def bare_consumer(bootstrap: str, topic: str, n: int) -> dict[str, float]:
     return {"events_per_s": got / seconds, "seconds": seconds, "mean_bytes": nbytes / got}
 
 
-def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets({group: None}).get(group, {})
-    finally:
-        admin.close()
-    return {tp.partition: om.offset for tp, om in offsets.items() if tp.topic == topic}
-
-
 def _vm_hwm_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -139,6 +128,8 @@ def driftloop_daemon(bootstrap: str, topic: str, n: int, workdir: Path) -> dict[
     """Run ``driftloop run`` over the topic; time from assignment to full commit."""
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
+
+    from connectors.kafka_local import committed_offsets
 
     group = f"driftloop-bench-{uuid.uuid4().hex[:8]}"
     cfg = {
@@ -170,7 +161,7 @@ def driftloop_daemon(bootstrap: str, topic: str, n: int, workdir: Path) -> dict[
             rss_samples.append(_vm_rss_mb(proc.pid))
             if t_assigned is None and b"partitions assigned" in log_path.read_bytes():
                 t_assigned = time.perf_counter()
-            if t_assigned is not None and _committed(bootstrap, group, topic) == ends:
+            if t_assigned is not None and committed_offsets(bootstrap, group, topic) == ends:
                 break
             time.sleep(0.2)
         else:

@@ -82,6 +82,7 @@ class Daemon:
         self._consumer: Any = None
         self._pending_seeks: dict[tuple[str, int], int] = {}
         self._backoff = 0.1
+        self._last_checkpoint_at = 0.0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -147,8 +148,6 @@ class Daemon:
         if (self.ingestor.buffered_rows >= cp.max_buffered_rows
                 or time.monotonic() - last >= cp.interval_seconds):
             self._checkpoint(commit=True)
-
-    _last_checkpoint_at = 0.0
 
     def _checkpoint(self, *, commit: bool) -> bool:
         self._last_checkpoint_at = time.monotonic()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from connectors.store import FeedbackStore
@@ -145,15 +145,6 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     out = {tp.partition: o for tp, o in consumer.end_offsets(parts).items()}
     consumer.close()
     return out
-
-
-def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets({group: None}).get(group, {})
-    finally:
-        admin.close()
-    return {tp.partition: om.offset for tp, om in offsets.items() if tp.topic == topic}
 
 
 def read_all(bootstrap: str, topic: str, timeout_s: float = 20) -> list[Any]:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.kafka_local import create_topics
+from connectors.kafka_local import committed_offsets, create_topics
 from tests.daemon_proc import (
     DaemonProcess,
-    committed_offsets,
     end_offsets,
     produce,
     read_all,
