@@ -142,11 +142,22 @@ class StateStore:
         self._db = sqlite3.connect(
             self.path, isolation_level=None, timeout=30.0, check_same_thread=False
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a checkpoint that returned is on disk even across a power loss; the
         # files it names are renamed into place only after it returns.
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        # Switching a new database to WAL takes an exclusive lock that does not wait
+        # on the busy timeout: two processes starting together on a fresh file see
+        # "database is locked" (seen in the two-daemon test), so retry for a while.
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self._db.close()
