@@ -145,8 +145,30 @@ class ProfileSpec:
 # ----------------------------------------------------------------------- summaries
 
 
+class _Counted:
+    """Row accounting shared by the binned summaries (``counts`` plus ``missing``)."""
+
+    counts: tuple[int, ...]
+    missing: int
+
+    @property
+    def count(self) -> int:
+        """Number of non-missing values."""
+        return sum(self.counts)
+
+    @property
+    def rows(self) -> int:
+        """Number of rows, missing ones included."""
+        return self.count + self.missing
+
+    @property
+    def missing_rate(self) -> float:
+        """Share of rows that were missing; NaN for an empty summary."""
+        return self.missing / self.rows if self.rows else math.nan
+
+
 @dataclass(frozen=True)
-class NumericSummary:
+class NumericSummary(_Counted):
     """Binned counts and moments of one numeric column.
 
     Parameters:
@@ -234,16 +256,6 @@ class NumericSummary:
         )
 
     @property
-    def count(self) -> int:
-        """Number of non-missing values."""
-        return sum(self.counts)
-
-    @property
-    def rows(self) -> int:
-        """Number of rows, missing ones included."""
-        return self.count + self.missing
-
-    @property
     def variance(self) -> float:
         """Sample variance (ddof=1); NaN with fewer than two values."""
         n = self.count
@@ -253,11 +265,6 @@ class NumericSummary:
     def std(self) -> float:
         """Sample standard deviation (ddof=1); NaN with fewer than two values."""
         return math.sqrt(self.variance)
-
-    @property
-    def missing_rate(self) -> float:
-        """Share of rows that were missing; NaN for an empty summary."""
-        return self.missing / self.rows if self.rows else math.nan
 
     def tail_bounds(self) -> tuple[float, float] | None:
         """Where the open outer bins end, if their mass were spread uniformly.
@@ -341,7 +348,7 @@ class NumericSummary:
 
 
 @dataclass(frozen=True)
-class CategoricalSummary:
+class CategoricalSummary(_Counted):
     """Counts of one categorical column over the reference's top categories.
 
     Parameters:
@@ -423,21 +430,6 @@ class CategoricalSummary:
             self.known,
             self.known_complete,
         )
-
-    @property
-    def count(self) -> int:
-        """Number of non-missing values."""
-        return sum(self.counts)
-
-    @property
-    def rows(self) -> int:
-        """Number of rows, missing ones included."""
-        return self.count + self.missing
-
-    @property
-    def missing_rate(self) -> float:
-        """Share of rows that were missing; NaN for an empty summary."""
-        return self.missing / self.rows if self.rows else math.nan
 
     @property
     def unseen_share(self) -> float:
