@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 __all__ = [
+    "IncidentRow",
+    "MonitorCommit",
     "PositionConflict",
     "PositionUpdate",
     "SegmentRecord",
@@ -71,6 +73,31 @@ CREATE TABLE IF NOT EXISTS segments (
     created_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS segments_window ON segments (topic, window_start_ms);
+CREATE TABLE IF NOT EXISTS monitor_state (
+    group_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (group_id, key)
+);
+CREATE TABLE IF NOT EXISTS incidents (
+    id TEXT PRIMARY KEY,
+    group_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    status TEXT NOT NULL,
+    opened_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS incidents_status ON incidents (group_id, status, updated_ms);
+CREATE TABLE IF NOT EXISTS incident_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_id TEXT NOT NULL,
+    incident_id TEXT NOT NULL,
+    transition TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
 """
 
 
@@ -112,6 +139,32 @@ class SegmentRecord:
     window_start_ms: int
     rows: int
     final: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class IncidentRow:
+    """An incident as stored: the body is the JSON the monitor wrote (monitor/incidents.py)."""
+
+    id: str
+    fingerprint: str
+    status: str
+    opened_ms: int
+    updated_ms: int
+    body: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorCommit:
+    """One step of the monitor's analysis, made durable as a whole.
+
+    ``values`` are JSON documents by key (progress pointers, detector states,
+    references); ``incidents`` are upserted by id; ``events`` (incident id, transition,
+    JSON body) are appended to the incident log that alert delivery reads.
+    """
+
+    values: dict[str, str] = dataclasses.field(default_factory=dict)
+    incidents: tuple[IncidentRow, ...] = ()
+    events: tuple[tuple[str, str, str], ...] = ()
 
 
 class StateStore:
@@ -262,6 +315,80 @@ class StateStore:
                     "closed_upto_ms = max(closed_upto_ms, excluded.closed_upto_ms)",
                     (self.group_id, self.instance, topic, upto),
                 )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- the monitor's durable state -------------------------------------------------
+
+    def segments_of_window(self, topic: str, window_start_ms: int) -> list[SegmentRecord]:
+        """Every segment (final or partial, any instance) holding rows of one window."""
+        rows = self._db.execute(
+            "SELECT path, topic, kind, window_start_ms, rows, final FROM segments "
+            "WHERE group_id = ? AND topic = ? AND window_start_ms = ? ORDER BY path",
+            (self.group_id, topic, window_start_ms),
+        ).fetchall()
+        return [SegmentRecord(p, t, k, w, r, bool(f)) for p, t, k, w, r, f in rows]
+
+    def segment_windows(self, topic: str, after_ms: int | None, before_ms: int) -> list[int]:
+        """Window starts with segments in ``(after_ms, before_ms)``, ascending."""
+        rows = self._db.execute(
+            "SELECT DISTINCT window_start_ms FROM segments WHERE group_id = ? AND topic = ? "
+            "AND window_start_ms > ? AND window_start_ms < ? ORDER BY window_start_ms",
+            (self.group_id, topic, -1 if after_ms is None else after_ms, before_ms),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def monitor_value(self, key: str) -> str | None:
+        row = self._db.execute(
+            "SELECT value FROM monitor_state WHERE group_id = ? AND key = ?",
+            (self.group_id, key),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def incidents(self, *, status: str | None = None, limit: int = 100) -> list[IncidentRow]:
+        """Incidents, newest first (``status``: "firing" or "resolved" to filter)."""
+        sql = ("SELECT id, fingerprint, status, opened_ms, updated_ms, body FROM incidents "
+               "WHERE group_id = ?")
+        args: list[object] = [self.group_id]
+        if status is not None:
+            sql += " AND status = ?"
+            args.append(status)
+        sql += " ORDER BY updated_ms DESC, id LIMIT ?"
+        args.append(limit)
+        return [IncidentRow(*r) for r in self._db.execute(sql, args)]
+
+    def incident_events(self, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, str, str, int, str]]:
+        """The incident log in order: (seq, incident id, transition, at_ms, body)."""
+        return [tuple(r) for r in self._db.execute(  # type: ignore[misc]
+            "SELECT seq, incident_id, transition, at_ms, body FROM incident_events "
+            "WHERE group_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (self.group_id, after_seq, limit))]
+
+    def commit_monitor(self, step: MonitorCommit) -> None:
+        """Make one analysis step durable atomically: progress, detector state and the
+        incidents it changed move together, so a crash repeats the step or not at all."""
+        now = int(time.time() * 1000)
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO monitor_state VALUES (?, ?, ?, ?) ON CONFLICT (group_id, key) "
+                "DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
+                [(self.group_id, k, v, now) for k, v in step.values.items()],
+            )
+            db.executemany(
+                "INSERT INTO incidents VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "status = excluded.status, updated_ms = excluded.updated_ms, body = excluded.body",
+                [(i.id, self.group_id, i.fingerprint, i.status, i.opened_ms, i.updated_ms, i.body)
+                 for i in step.incidents],
+            )
+            db.executemany(
+                "INSERT INTO incident_events (group_id, incident_id, transition, at_ms, body) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(self.group_id, iid, tr, now, body) for iid, tr, body in step.events],
+            )
         except BaseException:
             db.execute("ROLLBACK")
             raise
