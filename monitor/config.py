@@ -128,6 +128,125 @@ class HttpConfig(_Section):
     port: int = 8080
 
 
+class DriftConfig(_Section):
+    """Drift thresholds (monitor.drift.DriftSpec; docs/statistics.md has the reasoning)."""
+
+    alpha: float = 0.01
+    psi_threshold: float | None = 0.006
+    js_threshold: float | None = None
+    wasserstein_threshold: float | None = None
+    min_rows: int = 1000
+    k: int = 3
+    m: int = 5
+    missing_delta: float = 0.01
+    unseen_threshold: float = 0.01
+    unseen_min_count: int = 10
+
+    def __post_init__(self) -> None:
+        self.spec()
+
+    def spec(self) -> Any:
+        from monitor.drift import DriftSpec
+
+        return DriftSpec(**msgspec.structs.asdict(self))
+
+
+class PerformanceConfig(_Section):
+    """Label-metric drop tests (monitor.performance.PerformanceSpec)."""
+
+    #: Matured windows are pooled into periods of this length before the drop tests.
+    period_seconds: int = 900
+    alpha: float = 0.01
+    correction: Literal["bh", "bonferroni"] = "bh"
+    min_rate_change: float = 0.05
+    min_auc_drop: float = 0.01
+    min_calibration_change: float = 0.10
+    min_log_loss_increase: float | None = 0.02
+    min_positives: int = 30
+    min_negatives: int = 30
+    known_reference_ratio: float = 20.0
+    worse_when_higher: tuple[str, ...] = ("dislike", "skip")
+    #: A metric is decided dropped when its test fires in k of the last m periods: two
+    #: of three turns a per-period false-alarm rate q into about 3 q^2.
+    k: int = 2
+    m: int = 3
+
+    def __post_init__(self) -> None:
+        _positive("monitor.performance.period_seconds", self.period_seconds)
+        if not 1 <= self.k <= self.m:
+            msg = f"need 1 <= k <= m, got k={self.k} and m={self.m}"
+            raise ValueError(msg)
+        self.spec()
+
+    def spec(self) -> Any:
+        from monitor.performance import PerformanceSpec
+
+        fields = msgspec.structs.asdict(self)
+        for key in ("period_seconds", "k", "m"):
+            fields.pop(key)
+        return PerformanceSpec(**fields)
+
+
+class SequentialConfig(_Section):
+    """The per-event CUSUM bank on the primary label (monitor.sequential)."""
+
+    enabled: bool = True
+    #: Average number of matured predictions between two false alarms when nothing
+    #: changed. Choose it from your traffic: events/day x days between false pages.
+    arl0_events: float = 1e8
+    #: Relative drops the bank is tuned to (one CUSUM each).
+    drops: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
+
+    def __post_init__(self) -> None:
+        if not self.arl0_events >= 100:
+            msg = f"monitor.sequential.arl0_events must be >= 100, got {self.arl0_events}"
+            raise ValueError(msg)
+        if not self.drops or any(not 0.0 < d < 1.0 for d in self.drops):
+            msg = f"monitor.sequential.drops must be non-empty values in (0, 1), got {self.drops}"
+            raise ValueError(msg)
+
+
+class MonitorConfig(_Section):
+    """What the analysis stage does with closed windows (docs/statistics.md)."""
+
+    enabled: bool = True
+    #: Feedback types that are labels; the first is the primary one the score predicts
+    #: unless primary_label says otherwise.
+    label_types: tuple[str, ...] = ("click", "like", "purchase")
+    primary_label: str | None = None
+    #: Feedback counts for a prediction when it arrives within this long after it.
+    attribution_seconds: int = 1800
+    #: A model version without a stored reference bootstraps one from its first
+    #: this-many seconds of traffic (and of matured labels).
+    bootstrap_seconds: int = 3600
+    bootstrap_max_rows: int = 200_000
+    #: ``<dir>/<model>/<version>/reference.json`` files, for deployments without MLflow.
+    reference_dir: str | None = None
+    #: Consecutive clean evaluations that resolve an incident.
+    resolve_after: int = 3
+    #: Labels not maturing for this long beyond the attribution window is an incident.
+    labels_stall_seconds: int = 1800
+    drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
+    performance: PerformanceConfig = msgspec.field(default_factory=PerformanceConfig)
+    sequential: SequentialConfig = msgspec.field(default_factory=SequentialConfig)
+
+    def __post_init__(self) -> None:
+        if not self.label_types or len(set(self.label_types)) != len(self.label_types):
+            msg = f"monitor.label_types must be distinct and non-empty, got {list(self.label_types)}"
+            raise ValueError(msg)
+        if self.primary_label is not None and self.primary_label not in self.label_types:
+            msg = (f"monitor.primary_label {self.primary_label!r} is not one of "
+                   f"monitor.label_types {list(self.label_types)}")
+            raise ValueError(msg)
+        for name in ("attribution_seconds", "bootstrap_seconds", "bootstrap_max_rows",
+                     "resolve_after", "labels_stall_seconds"):
+            _positive(f"monitor.{name}", getattr(self, name))
+
+    @property
+    def primary(self) -> str:
+        return self.primary_label or self.label_types[0]
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -142,8 +261,17 @@ class Config(_Section):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
+        size = self.windows.size_seconds
+        for name, value in (("monitor.attribution_seconds", self.monitor.attribution_seconds),
+                            ("monitor.performance.period_seconds",
+                             self.monitor.performance.period_seconds),
+                            ("monitor.bootstrap_seconds", self.monitor.bootstrap_seconds)):
+            if value % size:
+                msg = f"{name} ({value}) must be a multiple of windows.size_seconds ({size})"
+                raise ValueError(msg)
         if self.instance_id is not None and not _INSTANCE_RE.match(self.instance_id):
             msg = f"instance_id {self.instance_id!r} must match {_INSTANCE_RE.pattern}"
             raise ValueError(msg)

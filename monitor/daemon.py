@@ -9,12 +9,14 @@ counted and retried with backoff, never fatal), and graceful shutdown on SIGTERM
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from connectors.events import EventKind
@@ -29,8 +31,10 @@ from connectors.kafka import (
 )
 from connectors.state import StateStore
 from connectors.store import FeedbackStore, SpillFiles
+from monitor.analysis import Analysis, AnalysisSpec, DirectoryReferences, NotYet
 from monitor.config import Config
 from monitor.ingest import Ingestor
+from monitor.join import JoinSpec
 from monitor.metrics import Metrics
 from monitor.windows import WindowSpec
 
@@ -79,6 +83,9 @@ class Daemon:
         self.http = ControlServer(
             config.http.host, config.http.port, healthy=self._healthy, ready=self._readiness,
             status=self.status, registry=self.metrics.registry)
+        self.analysis = _analysis(config, self.metrics) if config.monitor.enabled else None
+        self._analysis_wakeup = threading.Event()
+        self._analysis_thread = threading.Thread(target=self._analyse, name="analysis", daemon=True)
         self._consumer: Any = None
         self._pending_seeks: dict[tuple[str, int], int] = {}
         self._backoff = 0.1
@@ -97,6 +104,8 @@ class Daemon:
     def run(self) -> int:
         """Run until `stop`; returns the process exit code."""
         self.http.start()
+        if self.analysis is not None:
+            self._analysis_thread.start()
         log.info("driftloop started", extra={"fields": {
             "instance": self.config.instance, "group": self.config.kafka.group_id,
             "topics": sorted(self.topics), "http_port": self.http.port}})
@@ -159,6 +168,8 @@ class Daemon:
             self.dead_letters.discard()
             self._pending_seeks.update(self.ingestor.recover())
             return False
+        if result.windows_closed:
+            self._analysis_wakeup.set()
         if result.windows_closed or result.rows_stored:
             log.info("windows closed", extra={"fields": {
                 "windows": result.windows_closed, "rows": result.rows_stored,
@@ -234,7 +245,37 @@ class Daemon:
         log.info("partitions assigned", extra={"fields": {
             "partitions": sorted(keys), "resumed_from_state": len(seeks)}})
 
+    def _analyse(self) -> None:
+        """The analysis thread: runs the statistics on windows as they close.
+
+        A failing step (an unreadable file, a full disk) is logged, counted and retried
+        with backoff; ingestion goes on regardless, and the stage resumes from its
+        durable pointers, so nothing is analysed twice or skipped.
+        """
+        assert self.analysis is not None
+        backoff = 1.0
+        while not self._stop.is_set():
+            self._analysis_wakeup.wait(timeout=5.0)
+            self._analysis_wakeup.clear()
+            try:
+                while self.analysis.step() and not self._stop.is_set():
+                    pass
+                self.analysis.last_error = None
+                backoff = 1.0
+            except NotYet:
+                continue
+            except Exception as exc:
+                self.metrics.analysis_failures.inc()
+                self.analysis.last_error = repr(exc)
+                log.exception("analysis step failed; retrying", extra={"fields": {
+                    "retry_in_s": backoff}})
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+
     def _shutdown(self) -> None:
+        self._analysis_wakeup.set()
+        if self._analysis_thread.is_alive():
+            self._analysis_thread.join(timeout=30)
         if self._consumer is not None:
             try:
                 # close() revokes through the listener; everything is already durable.
@@ -244,6 +285,8 @@ class Daemon:
         self.dead_letters.close()
         self.http.stop()
         self.state.close()
+        if self.analysis is not None:
+            self.analysis.state.close()
 
     # -- health and status ---------------------------------------------------------
 
@@ -284,7 +327,43 @@ class Daemon:
             "events_in": counter_values(self.metrics.events_in),
             "events_stored": counter_values(self.metrics.events_stored),
             "dead_letters": counter_values(self.metrics.dead_letters),
+            "monitor": None if self.analysis is None else self.analysis.status(),
+            "incidents": {
+                "firing": [json.loads(r.body) for r in self.state.incidents(status="firing")],
+                "recently_resolved": [json.loads(r.body) for r in
+                                      self.state.incidents(status="resolved", limit=20)],
+            },
         }
+
+
+def _analysis(config: Config, metrics: Metrics) -> Analysis:
+    m = config.monitor
+    window_ms = config.windows.size_seconds * 1000
+    spec = AnalysisSpec(
+        window_ms=window_ms,
+        join=JoinSpec(attribution_ms=m.attribution_seconds * 1000, label_types=m.label_types,
+                      window_ms=window_ms),
+        primary_label=m.primary,
+        period_ms=m.performance.period_seconds * 1000,
+        bootstrap_ms=m.bootstrap_seconds * 1000,
+        bootstrap_max_rows=m.bootstrap_max_rows,
+        resolve_after=m.resolve_after,
+        drift=m.drift.spec(),
+        performance=m.performance.spec(),
+        performance_k=m.performance.k,
+        performance_m=m.performance.m,
+        sequential=m.sequential.enabled,
+        arl0_events=m.sequential.arl0_events,
+        cusum_drops=m.sequential.drops,
+        labels_stall_ms=m.labels_stall_seconds * 1000,
+    )
+    # Its own connection: SQLite transactions are per connection, and this one runs on
+    # the analysis thread while the main thread checkpoints.
+    state = StateStore(config.storage.state_path, group_id=config.kafka.group_id,
+                       instance=config.instance)
+    references = DirectoryReferences(Path(m.reference_dir)) if m.reference_dir else None
+    return Analysis(spec, state, config.kafka.predictions_topic, config.kafka.feedback_topic,
+                    references, metrics)
 
 
 def run_daemon(config: Config, *, on_ready: Callable[[Daemon], None] | None = None) -> int:

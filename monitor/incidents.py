@@ -91,6 +91,8 @@ class Incident(msgspec.Struct, kw_only=True):
     windows: list[list[int]] = msgspec.field(default_factory=list)
     #: The statistics of the latest firing evaluation.
     evidence: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: ... and of the evaluation that opened the incident (what paged).
+    opening_evidence: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -163,7 +165,7 @@ class IncidentBook:
                         subject=s.subject, severity=s.severity.label, status="firing",
                         summary=s.summary, opened_ms=s.window_end_ms, updated_ms=s.window_end_ms,
                         firing_evaluations=1, windows=[[s.window_start_ms, s.window_end_ms]],
-                        evidence=dict(s.evidence))
+                        evidence=dict(s.evidence), opening_evidence=dict(s.evidence))
                     self._open[fp] = inc
                     out.append(Transition("firing", inc))
                 else:

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from monitor.performance import PerformanceReference, WindowMetrics
+
 __all__ = ["BINS", "LabelSummary", "score_bins"]
 
 BINS = 2000
@@ -64,6 +66,7 @@ class LabelSummary:
     positives: dict[str, int] = dataclasses.field(default_factory=dict)
     expected: float = 0.0
     expected_var: float = 0.0
+    cube_sum: float = 0.0
     loss_sum: float = 0.0
     loss_sq_sum: float = 0.0
     hist_pos: npt.NDArray[np.int64] = dataclasses.field(
@@ -91,6 +94,7 @@ class LabelSummary:
             positives={t: int(np.count_nonzero(v)) for t, v in labels.items()},
             expected=float(s.sum()),
             expected_var=float((s * (1.0 - s)).sum()),
+            cube_sum=float(np.dot(s * s, s)),
             loss_sum=float(loss.sum()),
             loss_sq_sum=float((loss * loss).sum()),
             hist_pos=np.bincount(bins[y], minlength=BINS).astype(np.int64),
@@ -107,6 +111,7 @@ class LabelSummary:
             positives={t: self.positives.get(t, 0) + other.positives.get(t, 0) for t in types},
             expected=self.expected + other.expected,
             expected_var=self.expected_var + other.expected_var,
+            cube_sum=self.cube_sum + other.cube_sum,
             loss_sum=self.loss_sum + other.loss_sum,
             loss_sq_sum=self.loss_sq_sum + other.loss_sq_sum,
             hist_pos=self.hist_pos + other.hist_pos,
@@ -167,6 +172,28 @@ class LabelSummary:
         s01 = float((self.hist_neg * (v01 - auc) ** 2).sum() / (n0 - 1))
         return s10 / n1 + s01 / n0
 
+    # -- the drop tests' inputs (monitor/performance.py) ----------------------------
+
+    def _numbers(self) -> dict[str, Any]:
+        n = self.n
+        loss_var = self.log_loss_variance() * n if n >= 2 else math.nan
+        return {"n": n, "primary": self.primary,
+                "positives": {**self.positives, self.primary: self.n_pos},
+                "n_pos": self.n_pos, "n_neg": self.n_neg,
+                "auc": self.auc(), "auc_var": self.auc_variance(),
+                "log_loss": self.log_loss(), "log_loss_var": loss_var,
+                "score_sum": self.expected, "score_sq_sum": self.expected - self.expected_var,
+                "score_cube_sum": self.cube_sum}
+
+    def to_window_metrics(self) -> WindowMetrics:
+        """The window side of `monitor.performance.evaluate`."""
+        return WindowMetrics(**self._numbers())
+
+    def to_reference(self) -> PerformanceReference:
+        """The reference side of `monitor.performance.evaluate`: every pair of the
+        reference period is ranked (on binned scores), so the AUC is the pooled one."""
+        return PerformanceReference(**self._numbers(), auc_method="exact", n_windows=1)
+
     # -- persistence -----------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,7 +203,7 @@ class LabelSummary:
 
         return {"primary": self.primary, "n": self.n, "positives": dict(self.positives),
                 "expected": self.expected, "expected_var": self.expected_var,
-                "loss_sum": self.loss_sum, "loss_sq_sum": self.loss_sq_sum,
+                "cube_sum": self.cube_sum, "loss_sum": self.loss_sum, "loss_sq_sum": self.loss_sq_sum,
                 "hist_pos": sparse(self.hist_pos), "hist_neg": sparse(self.hist_neg)}
 
     @classmethod
@@ -188,5 +215,6 @@ class LabelSummary:
 
         return cls(primary=d["primary"], n=int(d["n"]), positives=dict(d["positives"]),
                    expected=float(d["expected"]), expected_var=float(d["expected_var"]),
+                   cube_sum=float(d.get("cube_sum", 0.0)),
                    loss_sum=float(d["loss_sum"]), loss_sq_sum=float(d["loss_sq_sum"]),
                    hist_pos=dense(d["hist_pos"]), hist_neg=dense(d["hist_neg"]))

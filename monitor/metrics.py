@@ -64,3 +64,39 @@ class Metrics:
         self.poll_errors = Counter(
             "driftloop_poll_errors_total", "Errors raised by the Kafka client while polling.",
             registry=r)
+        # -- the monitor's analysis (monitor/analysis.py) --------------------------
+        self.windows_analysed = Counter(
+            "driftloop_windows_analysed_total",
+            "Closed prediction windows analysed, by stage (drift, join).", ["stage"], registry=r)
+        self.analysis_seconds = Histogram(
+            "driftloop_analysis_seconds", "Time to analyse one window, by stage.", ["stage"],
+            registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.analysis_failures = Counter(
+            "driftloop_analysis_failures_total",
+            "Analysis steps that failed (retried on the next checkpoint).", registry=r)
+        self.analysis_lag = Gauge(
+            "driftloop_analysis_lag_seconds",
+            "Closed but not yet analysed event time, by stage.", ["stage"], registry=r)
+        self.duplicate_predictions = Counter(
+            "driftloop_duplicate_predictions_total",
+            "Predictions whose prediction_id repeated within a window (counted once).",
+            registry=r)
+        self.feedback_unmatched = Counter(
+            "driftloop_feedback_unmatched_total",
+            "Feedback that matched no prediction within the attribution window.", ["type"],
+            registry=r)
+        self.join_index_bytes = Gauge(
+            "driftloop_join_index_bytes", "Memory held by the feedback side of the join.",
+            registry=r)
+        self.label_rate = Gauge(
+            "driftloop_label_rate", "Label rate of the latest matured window.",
+            ["model", "version", "type"], registry=r)
+        self.drift_psi = Gauge(
+            "driftloop_drift_psi", "PSI of each feature in the latest analysed window.",
+            ["model", "feature"], registry=r)
+        self.incidents_firing = Gauge(
+            "driftloop_incidents_firing", "Open incidents by kind and severity.",
+            ["kind", "severity"], registry=r)
+        self.incident_transitions = Counter(
+            "driftloop_incident_transitions_total",
+            "Incidents opened, escalated and resolved.", ["kind", "transition"], registry=r)

@@ -103,3 +103,23 @@ def test_degenerate_windows_give_nan_not_errors() -> None:
     assert np.isnan(no_pos.auc()) and np.isnan(no_pos.auc_variance())
     with pytest.raises(KeyError, match="primary"):
         LabelSummary.from_arrays(np.zeros(1), {"like": np.zeros(1, bool)}, "click")
+
+
+def test_feeds_the_drop_tests_like_the_exact_window_metrics() -> None:
+    from monitor.performance import evaluate, window_metrics
+
+    s, y = _world(100_000, 6)
+    summary = LabelSummary.from_arrays(s, {"click": y}, "click")
+    exact = window_metrics(s, {"click": y}, "click")
+    binned = summary.to_window_metrics()
+    assert binned.auc == pytest.approx(exact.auc, abs=2e-4)
+    assert binned.auc_var == pytest.approx(exact.auc_var, rel=0.02)
+    assert binned.log_loss_var == pytest.approx(exact.log_loss_var, rel=1e-6)
+    assert binned.score_sq_sum == pytest.approx(exact.score_sq_sum, rel=1e-9)
+    assert binned.score_cube_sum == pytest.approx(exact.score_cube_sum, rel=1e-9)
+    ref_s, ref_y = _world(400_000, 7)
+    ref = LabelSummary.from_arrays(ref_s, {"click": ref_y}, "click").to_reference()
+    assert evaluate(ref, binned).status == "ok"
+    dropped = LabelSummary.from_arrays(s, {"click": y & (np.random.default_rng(8).random(len(y)) < 0.85)},
+                                       "click").to_window_metrics()
+    assert "rate:click" in [t.metric for t in evaluate(ref, dropped).drops]

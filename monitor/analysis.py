@@ -1,0 +1,608 @@
+"""The monitor's analysis stage: closed windows in, statistics and incidents out.
+
+Ingestion (monitor/ingest.py) makes windows durable; this stage reads them back from
+the feedback store once they are final and runs the statistics on them, in two
+passes with their own progress pointers:
+
+* **drift**, on every closed prediction window: each (model, version)'s rows are
+  summarised against its reference profile (monitor/profile.py, monitor/drift.py)
+  and the per-feature flags go through the k-of-m persistence rule;
+* **performance**, on every *matured* prediction window (labels final, see
+  monitor/join.py): the window is joined with its feedback, its label summary feeds
+  the per-event CUSUM bank at once and the period's drop tests when the period
+  (``performance_period``, 15 minutes by default) is complete.
+
+Both passes turn their verdicts into `Signal`s for the incident book. Each window's
+results, its detector states, the progress pointer and the incidents it touched are
+committed in one state-store transaction, so a crash repeats a window's analysis or
+not at all: aggregates and incidents stay effectively-once, like the store beneath.
+
+References follow the model: for each (model, version) the stage looks for a stored
+reference (the state store, then the configured `References` source: a directory or
+the MLflow registry), and otherwise bootstraps one from the first
+``bootstrap_seconds`` of that version's own traffic and says so (log, /status).
+
+This runs on a thread of its own with its own state-store connection, so ingestion
+never waits for the statistics; numpy and Arrow release the GIL for the heavy parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from connectors.state import IncidentRow, MonitorCommit, StateStore
+from monitor.drift import DriftDecider, DriftSpec, compare
+from monitor.incidents import Incident, IncidentBook, Severity, Signal, Transition
+from monitor.join import FeedbackIndex, JoinSpec, dedupe_predictions, matured_upto
+from monitor.labels import LabelSummary
+from monitor.metrics import Metrics
+from monitor.performance import PerformanceSpec, evaluate
+from monitor.profile import Profile, ProfileSpec
+from monitor.sequential import AdaptiveBernoulliCUSUM
+
+__all__ = ["Analysis", "AnalysisSpec", "DirectoryReferences", "NotYet", "Reference", "References"]
+
+log = logging.getLogger(__name__)
+
+#: Rows per batch when streaming a window from Parquet: bounds the stage's memory.
+BATCH_ROWS = 262_144
+_PRED_COLUMNS = ["prediction_id", "ts", "model", "model_version", "score"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisSpec:
+    """Everything the stage needs to know, resolved from the config."""
+
+    window_ms: int
+    join: JoinSpec
+    primary_label: str
+    period_ms: int
+    bootstrap_ms: int
+    bootstrap_max_rows: int
+    resolve_after: int
+    drift: DriftSpec
+    performance: PerformanceSpec
+    #: A metric is decided dropped when its test fires in k of the last m periods.
+    performance_k: int
+    performance_m: int
+    sequential: bool
+    arl0_events: float
+    cusum_drops: tuple[float, ...]
+    labels_stall_ms: int
+    profile: ProfileSpec = dataclasses.field(default_factory=lambda: ProfileSpec(score="score"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """What a model version is compared against."""
+
+    profile: Profile
+    #: Label summary of the reference period (None: bootstrapped from live labels).
+    labels: LabelSummary | None
+    source: str
+
+    def to_json(self) -> str:
+        return json.dumps({"profile": self.profile.to_dict(), "source": self.source,
+                           "labels": None if self.labels is None else self.labels.to_dict()})
+
+    @classmethod
+    def from_json(cls, text: str) -> Reference:
+        d = json.loads(text)
+        labels = d.get("labels")
+        return cls(Profile.from_dict(d["profile"]),
+                   None if labels is None else LabelSummary.from_dict(labels), d["source"])
+
+
+class References(Protocol):
+    """Where reference profiles of model versions come from (a directory, MLflow)."""
+
+    def lookup(self, model: str, version: str) -> Reference | None: ...
+
+
+class DirectoryReferences:
+    """``<root>/<model>/<version>/reference.json`` as written by `Reference.to_json`.
+
+    For deployments without a model registry, and what the MLflow source caches to.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def lookup(self, model: str, version: str) -> Reference | None:
+        path = self.root / model / version / "reference.json"
+        if not path.exists():
+            return None
+        ref = Reference.from_json(path.read_text())
+        return dataclasses.replace(ref, source=f"file:{path}")
+
+
+@dataclasses.dataclass
+class _Version:
+    """Durable per-(model, version) state: detectors and accumulators."""
+
+    first_window: int
+    decider: dict[str, Any] | None = None
+    perf_decider: dict[str, Any] | None = None
+    label_ref: dict[str, Any] | None = None
+    label_ref_start: int | None = None
+    label_ref_done: bool = False
+    period_start: int | None = None
+    period: dict[str, Any] | None = None
+    cusum: dict[str, Any] | None = None
+    cusum_alarms_in_period: int = 0
+    last_window: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> _Version:
+        return cls(**json.loads(text))
+
+
+def _key(model: str, version: str) -> str:
+    return f"{model}@{version}"
+
+
+class Analysis:
+    """The analysis stage. Call `step` whenever windows may have closed.
+
+    Args:
+        spec: thresholds and periods.
+        state: a state-store connection of its own (this runs on its own thread).
+        pred_topic: the predictions topic (its closed windows are analysed).
+        feedback_topic: the feedback topic.
+        read_segment: opens a segment path as a ParquetFile (the feedback store).
+        references: an external reference source, or None.
+        metrics: the daemon's metrics.
+    """
+
+    def __init__(self, spec: AnalysisSpec, state: StateStore, pred_topic: str, feedback_topic: str,
+                 references: References | None, metrics: Metrics) -> None:
+        self.spec = spec
+        self.state = state
+        self.pred_topic = pred_topic
+        self.feedback_topic = feedback_topic
+        self.references = references
+        self.metrics = metrics
+        self.index = FeedbackIndex(spec.join)
+        open_incidents = [Incident.from_json(r.body) for r in state.incidents(status="firing",
+                                                                               limit=10_000)]
+        self.book = IncidentBook(spec.resolve_after, open_incidents)
+        self._refs: dict[str, Reference | None] = {}
+        self._versions: dict[str, _Version] = {}
+        self.last_error: str | None = None
+        self._notes: list[str] = []
+        self._refresh_incident_gauge()
+
+    # -- progress --------------------------------------------------------------------
+
+    def _pointer(self, name: str) -> int | None:
+        v = self.state.monitor_value(name)
+        return None if v is None else int(v)
+
+    def step(self, budget_s: float = 5.0) -> int:
+        """Analyse what became final since the last call; return windows processed.
+
+        Stops after ``budget_s`` so that a long backlog does not delay shutdown; the
+        next call continues where this one stopped.
+        """
+        deadline = time.monotonic() + budget_s
+        done = 0
+        pred_closed = self.state.closed_upto(self.pred_topic)
+        if pred_closed is None:
+            return 0
+        drift_upto = self._pointer("drift_upto")
+        for start in self.state.segment_windows(self.pred_topic,
+                                                None if drift_upto is None else drift_upto - 1,
+                                                pred_closed):
+            if drift_upto is not None and start < drift_upto:
+                continue
+            self._drift_window(start)
+            done += 1
+            if time.monotonic() > deadline:
+                return done
+        fb_closed = self.state.closed_upto(self.feedback_topic)
+        matured = matured_upto(self.spec.join, fb_closed)
+        join_upto = self._pointer("join_upto")
+        if matured is not None:
+            limit = min(matured, pred_closed)
+            for start in self.state.segment_windows(self.pred_topic,
+                                                    None if join_upto is None else join_upto - 1,
+                                                    limit):
+                if join_upto is not None and start < join_upto:
+                    continue
+                self._join_window(start, join_upto)
+                join_upto = start + self.spec.window_ms
+                done += 1
+                if time.monotonic() > deadline:
+                    return done
+        self._labels_stalled(pred_closed, fb_closed)
+        self.metrics.analysis_lag.labels("drift").set(
+            max(0, pred_closed - (self._pointer("drift_upto") or pred_closed)) / 1000)
+        self.metrics.analysis_lag.labels("join").set(
+            max(0, (matured or 0) - (self._pointer("join_upto") or matured or 0)) / 1000)
+        return done
+
+    # -- reading windows -----------------------------------------------------------------
+
+    def _batches(self, topic: str, start: int, columns: list[str] | None) -> Iterator[pa.Table]:
+        for seg in self.state.segments_of_window(topic, start):
+            path = Path(seg.path)
+            if not path.exists():
+                # Registered but not yet renamed into place: the ingest thread publishes
+                # right after its commit; the next step sees it.
+                msg = f"segment {path} is registered but not published yet"
+                raise NotYet(msg)
+            f = pq.ParquetFile(path)
+            cols = None if columns is None else [c for c in columns if c in f.schema_arrow.names]
+            for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=cols):
+                yield pa.Table.from_batches([batch])
+
+    def _read(self, topic: str, start: int, columns: list[str]) -> pa.Table:
+        tables = list(self._batches(topic, start, columns))
+        if not tables:
+            return pa.table({c: pa.array([], pa.string()) for c in columns})
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    # -- references ----------------------------------------------------------------------
+
+    def _reference(self, model: str, version: str) -> Reference | None:
+        key = _key(model, version)
+        if key in self._refs:
+            return self._refs[key]
+        stored = self.state.monitor_value(f"ref/{key}")
+        ref = Reference.from_json(stored) if stored is not None else None
+        if ref is None and self.references is not None:
+            try:
+                ref = self.references.lookup(model, version)
+            except Exception as exc:  # a registry outage must not stop monitoring
+                log.warning("reference lookup failed; will bootstrap or retry",
+                            extra={"fields": {"model": key, "error": repr(exc)}})
+                return None
+            if ref is not None:
+                self.state.commit_monitor(MonitorCommit(values={f"ref/{key}": ref.to_json()}))
+                log.info("reference loaded", extra={"fields": {"model": key, "source": ref.source}})
+        self._refs[key] = ref
+        return ref
+
+    def _bootstrap(self, model: str, version: str, first: int, end: int) -> Reference:
+        """Fit a reference from this version's traffic in windows [first, end)."""
+        windows = [w for w in self.state.segment_windows(self.pred_topic, first - 1, end)]
+        total = sum(s.rows for w in windows for s in self.state.segments_of_window(self.pred_topic, w))
+        share = min(1.0, self.spec.bootstrap_max_rows / max(total, 1))
+        rng = np.random.default_rng(first)
+        frames = []
+        for w in windows:
+            for t in self._batches(self.pred_topic, w, None):
+                t = _version_rows(t, model, version)
+                if share < 1.0 and t.num_rows:
+                    t = t.filter(pa.array(rng.random(t.num_rows) < share))
+                frames.append(_features_frame(t))
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"score": []})
+        profile = Profile.fit(df, self.spec.profile)
+        source = (f"bootstrap:{len(df)} rows of windows "
+                  f"[{_iso(first)}, {_iso(end)}) of the version's own traffic")
+        log.warning("no reference profile for this model version: bootstrapped one from live "
+                    "traffic", extra={"fields": {"model": _key(model, version), "rows": len(df),
+                                                 "from": _iso(first), "to": _iso(end)}})
+        return Reference(profile, None, source)
+
+    # -- drift -----------------------------------------------------------------------
+
+    def _version(self, key: str, start: int) -> _Version:
+        v = self._versions.get(key)
+        if v is None:
+            stored = self.state.monitor_value(f"version/{key}")
+            v = _Version.from_json(stored) if stored is not None else _Version(first_window=start)
+            self._versions[key] = v
+        return v
+
+    def _drift_window(self, start: int) -> None:
+        t0 = time.perf_counter()
+        end = start + self.spec.window_ms
+        values: dict[str, str] = {"drift_upto": str(end)}
+        signals: list[Signal] = []
+        summaries: dict[str, Profile] = {}
+        refs: dict[str, Reference] = {}
+        for batch in self._batches(self.pred_topic, start, None):
+            for (model, version), rows in _by_version(batch):
+                key = _key(model, version)
+                v = self._version(key, start)
+                v.last_window = start
+                ref = self._reference(model, version)
+                if ref is None:
+                    continue
+                refs[key] = ref
+                s = ref.profile.summarise(_features_frame(rows))
+                summaries[key] = summaries[key] + s if key in summaries else s
+        for key in list(self._versions):
+            v = self._versions[key]
+            if v.last_window != start:
+                continue
+            model, version = key.split("@", 1)
+            ref = refs.get(key)
+            if ref is None:
+                if end - v.first_window >= self.spec.bootstrap_ms:
+                    ref = self._bootstrap(model, version, v.first_window, end)
+                    self._refs[key] = ref
+                    values[f"ref/{key}"] = ref.to_json()
+                values[f"version/{key}"] = v.to_json()
+                continue
+            report = compare(ref.profile, summaries[key], self.spec.drift)
+            decider = self.spec.drift.build(v.decider)
+            drifting = decider.update(report.flags)
+            v.decider = decider.state_dict()
+            values[f"version/{key}"] = v.to_json()
+            signals.extend(_drift_signals(model, version, start, end, report, drifting, ref))
+        self._commit(values, signals)
+        self.metrics.windows_analysed.labels("drift").inc()
+        self.metrics.analysis_seconds.labels("drift").observe(time.perf_counter() - t0)
+
+    # -- labels and performance ----------------------------------------------------------
+
+    def _join_window(self, start: int, join_upto: int | None) -> None:
+        t0 = time.perf_counter()
+        spec = self.spec
+        end = start + spec.window_ms
+        for fs in spec.join.feedback_windows(start):
+            if fs not in self.index:
+                fb = self._read(self.feedback_topic, fs, ["prediction_id", "type", "ts"])
+                # Unmatched feedback is counted only where every prediction window that
+                # could match it is still to be joined by this process.
+                earliest = fs - spec.join.attribution_ms - spec.window_ms
+                self.index.add(fs, fb, count_unmatched=join_upto is None or earliest >= join_upto)
+        preds, dups = dedupe_predictions(self._read(self.pred_topic, start, _PRED_COLUMNS))
+        if dups:
+            self.metrics.duplicate_predictions.inc(dups)
+        joined = self.index.join(start, preds)
+        before = dict(self.index.unmatched)
+        self.index.evict_before(end)
+        for t, c in self.index.unmatched.items():
+            if c > before[t]:
+                self.metrics.feedback_unmatched.labels(t).inc(c - before[t])
+        self.metrics.join_index_bytes.set(self.index.nbytes)
+
+        values: dict[str, str] = {"join_upto": str(end)}
+        signals: list[Signal] = []
+        for (model, version), idx in _version_indices(preds):
+            key = _key(model, version)
+            v = self._version(key, start)
+            scores = np.asarray(preds.column("score").take(pa.array(idx)), dtype=np.float64)
+            labels = {t: y[idx] for t, y in joined.labels.items()}
+            summary = LabelSummary.from_arrays(scores, labels, spec.primary_label)
+            for t in spec.join.label_types:
+                self.metrics.label_rate.labels(model, version, t).set(summary.rate(t))
+            signals.extend(self._performance(model, version, v, start, end, summary, labels))
+            values[f"version/{key}"] = v.to_json()
+        self._commit(values, signals)
+        self.metrics.windows_analysed.labels("join").inc()
+        self.metrics.analysis_seconds.labels("join").observe(time.perf_counter() - t0)
+
+    def _label_reference(self, model: str, version: str, v: _Version) -> LabelSummary | None:
+        ref = self._reference(model, version)
+        if ref is not None and ref.labels is not None:
+            return ref.labels
+        if v.label_ref_done and v.label_ref is not None:
+            return LabelSummary.from_dict(v.label_ref)
+        return None
+
+    def _performance(self, model: str, version: str, v: _Version, start: int, end: int,
+                     summary: LabelSummary, labels: Mapping[str, np.ndarray]) -> list[Signal]:
+        spec = self.spec
+        ref = self._label_reference(model, version, v)
+        if ref is None:
+            # Bootstrap the label reference from the version's first matured windows.
+            acc = summary if v.label_ref is None else LabelSummary.from_dict(v.label_ref) + summary
+            v.label_ref = acc.to_dict()
+            v.label_ref_start = start if v.label_ref_start is None else v.label_ref_start
+            if end - v.label_ref_start >= spec.bootstrap_ms:
+                v.label_ref_done = True
+                log.warning("no label reference for this model version: bootstrapped one from "
+                            "its first matured windows", extra={"fields": {
+                                "model": _key(model, version), "rows": acc.n,
+                                "rate": acc.rate(spec.primary_label)}})
+            return []
+        signals: list[Signal] = []
+        # The per-event CUSUM: sees every matured label at once, pages before the period ends.
+        p0 = ref.rate(spec.primary_label)
+        if spec.sequential and 0.0 < p0 < 1.0:
+            bank = AdaptiveBernoulliCUSUM(p0, spec.arl0_events, spec.cusum_drops)
+            if v.cusum is not None and v.cusum.get("p0") == p0:
+                bank.load_state_dict(v.cusum)
+            y = np.asarray(labels[spec.primary_label], dtype=bool)
+            if bank.update_many(y) >= 0 or bank.drift_detected:
+                v.cusum_alarms_in_period += 1
+                signals.append(Signal(
+                    "performance_drop", model, f"cusum:{spec.primary_label}", True, start, end,
+                    Severity.CRITICAL,
+                    summary=(f"{spec.primary_label} rate fell below the reference {p0:.4g} "
+                             f"(sequential test, drop of about {max(bank.detected_drops):.0%})"),
+                    evidence={"version": version, "reference_rate": p0,
+                              "window_rate": summary.rate(spec.primary_label),
+                              "detected_drops": list(bank.detected_drops),
+                              "arl0_events": spec.arl0_events}))
+                bank.reset()
+            v.cusum = bank.state_dict()
+        # The period's drop tests.
+        period = summary if v.period is None else LabelSummary.from_dict(v.period) + summary
+        v.period_start = start if v.period_start is None else v.period_start
+        if end - v.period_start < spec.period_ms:
+            v.period = period.to_dict()
+            return signals
+        report = evaluate(ref.to_reference(), period.to_window_metrics(), spec.performance)
+        decider = DriftDecider(spec.performance_k, spec.performance_m)
+        if v.perf_decider is not None:
+            decider.load_state_dict(v.perf_decider)
+        fired = decider.update({t.metric: t.fired for t in report.tests})
+        v.perf_decider = decider.state_dict()
+        for t in report.tests:
+            signals.append(Signal(
+                "performance_drop", model, t.metric, t.metric in fired, v.period_start, end,
+                Severity.CRITICAL,
+                summary=(f"{t.metric} of {model} v{version}: {t.observed:.4g} against the "
+                         f"reference {t.reference:.4g} ({t.relative_change:+.1%}, {t.test}, "
+                         f"adjusted p {t.p_adjusted:.2g}, {period.n} predictions)"),
+                evidence={"version": version, **t.to_dict(), "rows": period.n,
+                          "reference_source": "bootstrap" if v.label_ref_done else "reference"}))
+        if not any(s.subject.startswith("cusum:") for s in signals):
+            signals.append(Signal("performance_drop", model, f"cusum:{spec.primary_label}",
+                                  v.cusum_alarms_in_period > 0, v.period_start, end,
+                                  Severity.CRITICAL))
+        v.period, v.period_start, v.cusum_alarms_in_period = None, None, 0
+        return signals
+
+    def _labels_stalled(self, pred_closed: int, fb_closed: int | None) -> None:
+        """Labels that stop maturing are an incident: the feedback pipeline is down, and
+        every label-based metric is blind until it is back."""
+        first = self._pointer("join_upto") or self._pointer("first_pred_window")
+        if first is None:
+            self._commit({"first_pred_window": str(pred_closed)}, [])
+            return
+        horizon = (fb_closed if fb_closed is not None else first) + self.spec.join.attribution_ms
+        lag = pred_closed - horizon
+        firing = lag > self.spec.labels_stall_ms
+        open_fp = "data_quality/*/labels:stalled" in self.book.open
+        if firing or open_fp:
+            self._commit({}, [Signal(
+                "data_quality", "*", "labels:stalled", firing, pred_closed - self.spec.window_ms,
+                pred_closed, Severity.WARNING,
+                summary=(f"feedback on {self.feedback_topic!r} is {lag / 60_000:.0f} min behind "
+                         "predictions: labels are not maturing"),
+                evidence={"prediction_closed_upto": _iso(pred_closed),
+                          "feedback_closed_upto": None if fb_closed is None else _iso(fb_closed)})])
+
+    # -- incidents and persistence -------------------------------------------------------
+
+    def _commit(self, values: dict[str, str], signals: list[Signal]) -> None:
+        outcome = self.book.observe(_merge_by_fingerprint(signals))
+        rows = tuple(IncidentRow(i.id, i.fingerprint, i.status, i.opened_ms, i.updated_ms,
+                                 i.to_json()) for i in outcome.touched)
+        events = tuple((t.incident.id, t.transition, t.incident.to_json())
+                       for t in outcome.transitions)
+        self.state.commit_monitor(MonitorCommit(values=values, incidents=rows, events=events))
+        for t in outcome.transitions:
+            self._announce(t)
+        if outcome.transitions:
+            self._refresh_incident_gauge()
+
+    def _announce(self, t: Transition) -> None:
+        inc = t.incident
+        self.metrics.incident_transitions.labels(inc.kind, t.transition).inc()
+        level = logging.INFO if t.transition == "resolved" else logging.WARNING
+        log.log(level, f"incident {t.transition}: {inc.summary or inc.fingerprint}",
+                extra={"fields": {"incident": inc.id, "severity": inc.severity,
+                                  "fingerprint": inc.fingerprint}})
+
+    def _refresh_incident_gauge(self) -> None:
+        self.metrics.incidents_firing.clear()
+        for inc in self.book.open.values():
+            self.metrics.incidents_firing.labels(inc.kind, inc.severity).inc()
+
+    def status(self) -> dict[str, Any]:
+        refs = {k: (None if r is None else r.source) for k, r in self._refs.items()}
+        return {
+            "drift_upto": _iso_or_none(self._pointer("drift_upto")),
+            "join_upto": _iso_or_none(self._pointer("join_upto")),
+            "references": refs,
+            "join_index_rows": self.index.rows,
+            "feedback_unmatched": dict(self.index.unmatched),
+            "last_error": self.last_error,
+        }
+
+
+class NotYet(RuntimeError):
+    """The window's files are not all in place yet; try again on the next step."""
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _iso(ms: int) -> str:
+    return pd.Timestamp(ms, unit="ms", tz="UTC").isoformat()
+
+
+def _iso_or_none(ms: int | None) -> str | None:
+    return None if ms is None else _iso(ms)
+
+
+def _version_rows(t: pa.Table, model: str, version: str) -> pa.Table:
+    mask = pc.and_(pc.equal(t.column("model").cast(pa.string()), model),
+                   pc.equal(t.column("model_version").cast(pa.string()), version))
+    return t.filter(mask)
+
+
+def _version_indices(t: pa.Table) -> list[tuple[tuple[str, str], np.ndarray]]:
+    """Row indices of each (model, version) in ``t``."""
+    if t.num_rows == 0:
+        return []
+    models = t.column("model").cast(pa.string()).to_numpy(zero_copy_only=False)
+    versions = t.column("model_version").cast(pa.string()).to_numpy(zero_copy_only=False)
+    keys = pd.MultiIndex.from_arrays([models, versions])
+    codes, uniques = pd.factorize(keys)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+    return [((str(uniques[i][0]), str(uniques[i][1])), order[bounds[i]:bounds[i + 1]])
+            for i in range(len(uniques))]
+
+
+def _by_version(t: pa.Table) -> list[tuple[tuple[str, str], pa.Table]]:
+    return [(k, t.take(pa.array(idx))) for k, idx in _version_indices(t)]
+
+
+def _features_frame(t: pa.Table) -> pd.DataFrame:
+    """The columns a profile describes: the score and every ``f.`` feature."""
+    cols = [c for c in t.column_names if c == "score" or c.startswith("f.")]
+    return t.select(cols).to_pandas()
+
+
+def _drift_signals(model: str, version: str, start: int, end: int, report: Any,
+                   drifting: frozenset[str], ref: Reference) -> list[Signal]:
+    out = []
+    for f in report.features:
+        kind = "prediction_drift" if f.kind == "score" else "feature_drift"
+        moved = f.feature in drifting
+        out.append(Signal(
+            kind, model, f.feature, moved, start, end, Severity.WARNING,
+            summary=(f"{f.feature} drifted: PSI {f.psi:.3f}, JS {f.js:.3f}, "
+                     f"adjusted p {f.p_adjusted:.2g}" if moved else ""),
+            evidence={"version": version, "psi": f.psi, "js": f.js, "wasserstein": f.wasserstein,
+                      "p_value": f.p_value, "p_adjusted": f.p_adjusted, "rows": f.rows,
+                      "flagged_this_window": f.drifting, "reference": ref.source}))
+    for q in report.quality:
+        out.append(Signal(
+            "data_quality", model, f"{q.feature}:{q.check}", q.firing, start, end, Severity.WARNING,
+            summary=(f"{q.feature}: {q.check.replace('_', ' ')} {q.value:.2%} "
+                     f"(reference {q.reference:.2%})" if q.firing else ""),
+            evidence={"version": version, "value": q.value, "reference": q.reference,
+                      "p_value": q.p_value, "p_adjusted": q.p_adjusted}))
+    return out
+
+
+def _merge_by_fingerprint(signals: list[Signal]) -> list[Signal]:
+    """One signal per fingerprint and evaluation: two live versions of one model report
+    on the same feature, and one firing must not be cancelled by the other's clean one."""
+    best: dict[str, Signal] = {}
+    for s in signals:
+        seen = best.get(s.fingerprint)
+        if seen is None or (s.firing and not seen.firing) or (
+                s.firing and seen.firing and s.severity > seen.severity):
+            best[s.fingerprint] = s
+    return list(best.values())
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,209 @@
+"""The analysis stage end to end without Kafka: ingested windows in, incidents out.
+
+A simulated recommender serves a CTR model for 45 minutes of event time: the first 10
+minutes bootstrap the references, one feature shifts and the click rate halves from
+minute 15 to 25, then the world returns to normal. Ingestion is the real Ingestor
+(records are plain objects); the broker path is covered in test_daemon_kafka.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from connectors.events import EventKind
+from connectors.state import StateStore
+from connectors.store import FeedbackStore, SpillFiles
+from monitor.analysis import Analysis, AnalysisSpec, NotYet
+from monitor.drift import DriftSpec
+from monitor.incidents import Incident
+from monitor.ingest import Ingestor
+from monitor.join import JoinSpec
+from monitor.metrics import Metrics
+from monitor.performance import PerformanceSpec
+from monitor.windows import WindowSpec
+from tests.events_gen import BASE_TS_MS
+from tests.test_ingest import Clock, MemoryDeadLetters, Rec
+
+P, F = "predictions", "feedback"
+MIN = 60_000
+WSPEC = WindowSpec(size_ms=MIN, allowed_lateness_ms=2_000, idle_timeout_ms=5_000)
+SPEC = AnalysisSpec(
+    window_ms=MIN, join=JoinSpec(attribution_ms=2 * MIN, label_types=("click", "like"), window_ms=MIN),
+    primary_label="click", period_ms=5 * MIN, bootstrap_ms=10 * MIN, bootstrap_max_rows=50_000,
+    resolve_after=2, drift=DriftSpec(), performance=PerformanceSpec(), performance_k=2,
+    performance_m=3, sequential=True, arl0_events=1e6, cusum_drops=(0.1, 0.3, 0.5),
+    labels_stall_ms=30 * MIN)
+RATE = 40  # predictions per second
+SHIFT = (15 * MIN, 25 * MIN)
+
+
+def _world(minutes: int, seed: int) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
+    """(ts, encoded) predictions and feedback in event-time order."""
+    rng = np.random.default_rng(seed)
+    n = minutes * 60 * RATE
+    ts = BASE_TS_MS + np.sort(rng.integers(0, minutes * MIN, n))
+    shifted = (ts - BASE_TS_MS >= SHIFT[0]) & (ts - BASE_TS_MS < SHIFT[1])
+    age = rng.normal(40, 10, n) + np.where(shifted, 6.0, 0.0)
+    price = rng.lognormal(3, 1, n)
+    country = rng.choice(["de", "fr", "us", "br"], n, p=[0.4, 0.3, 0.2, 0.1])
+    z = rng.normal(0, 1, n)
+    score = 1 / (1 + np.exp(-(-2.4 + 0.9 * z)))
+    click_p = np.where(shifted, 0.5 * score, score)
+    clicked = rng.random(n) < click_p
+    liked = clicked & (rng.random(n) < 0.2)
+    delay = rng.integers(0, 90_000, n)
+    preds, fbs = [], []
+    for i in range(n):
+        preds.append((int(ts[i]), json.dumps({
+            "schema": "prediction/v1", "prediction_id": f"p{i}", "ts": int(ts[i]), "model": "ctr",
+            "model_version": "7", "user_id": f"u{i % 977}", "item_id": f"i{i % 131}",
+            "score": float(score[i]),
+            "features": {"age": float(age[i]), "price": float(price[i]), "country": str(country[i])},
+        }).encode()))
+        for kind, hit in (("click", clicked[i]), ("like", liked[i])):
+            if hit:
+                t = int(ts[i] + delay[i])
+                fbs.append((t, json.dumps({"schema": "feedback/v1", "prediction_id": f"p{i}",
+                                           "ts": t, "type": kind}).encode()))
+    fbs.sort(key=lambda x: x[0])
+    return preds, fbs
+
+
+@dataclasses.dataclass
+class Run:
+    tmp: Path
+    ingestor: Ingestor
+    analysis: Analysis
+    clock: Clock
+
+
+def _start(tmp: Path) -> Run:
+    clock = Clock()
+    state = StateStore(tmp / "state.db", group_id="g", instance="a")
+    ing = Ingestor({P: EventKind.PREDICTION, F: EventKind.FEEDBACK}, WSPEC, state=state,
+                   store=FeedbackStore(tmp / "store"), spills=SpillFiles(tmp / "spill"),
+                   dead_letters=MemoryDeadLetters(), metrics=Metrics(), max_message_bytes=65536,
+                   clock_ms=clock)
+    ing.assign([(P, 0), (F, 0)])
+    return Run(tmp, ing, _analysis(tmp), clock)
+
+
+def _analysis(tmp: Path) -> Analysis:
+    return Analysis(SPEC, StateStore(tmp / "state.db", group_id="g", instance="a"), P, F, None, Metrics())
+
+
+def _drain(a: Analysis) -> None:
+    while True:
+        try:
+            if not a.step():
+                return
+        except NotYet:  # pragma: no cover - files are published synchronously here
+            continue
+
+
+def _feed(run: Run, preds, fbs, *, crash_every: int | None = None) -> None:
+    """Ingest in 10 s slices of event time, checkpointing and analysing after each."""
+    pi = fi = 0
+    end = preds[-1][0] + 1
+    for steps, upto in enumerate(range(BASE_TS_MS + 10_000, end + 10_000, 10_000), start=1):
+        pj = pi
+        while pj < len(preds) and preds[pj][0] < upto:
+            pj += 1
+        fj = fi
+        while fj < len(fbs) and fbs[fj][0] < upto:
+            fj += 1
+        if pj > pi:
+            run.ingestor.ingest(P, [(0, [Rec(k, preds[k][1]) for k in range(pi, pj)])])
+        if fj > fi:
+            run.ingestor.ingest(F, [(0, [Rec(k, fbs[k][1]) for k in range(fi, fj)])])
+        pi, fi = pj, fj
+        run.clock.now += 1_000
+        run.ingestor.checkpoint()
+        _drain(run.analysis)
+        if crash_every and steps % crash_every == 0:
+            run.analysis.state.close()  # the analysis "dies"; its durable state remains
+            run.analysis = _analysis(run.tmp)
+    # The feedback of the last predictions, then the stream pauses: everything closes.
+    if fi < len(fbs):
+        run.ingestor.ingest(F, [(0, [Rec(k, fbs[k][1]) for k in range(fi, len(fbs))])])
+    run.clock.now += WSPEC.idle_timeout_ms + 1
+    run.ingestor.checkpoint()
+    _drain(run.analysis)
+
+
+def _incidents(state: StateStore) -> list[Incident]:
+    return sorted((Incident.from_json(r.body) for r in state.incidents(limit=1000)),
+                  key=lambda i: i.id)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return _world(45, seed=11)
+
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("analysis")
+    run = _start(tmp)
+    _feed(run, *world)
+    return run
+
+
+def test_references_are_bootstrapped_and_said_so(finished: Run) -> None:
+    status = finished.analysis.status()
+    assert status["references"]["ctr@7"].startswith("bootstrap:")
+    assert status["drift_upto"] is not None and status["join_upto"] is not None
+
+
+def test_the_shifted_feature_fires_then_resolves_and_nothing_else_drifts(finished: Run) -> None:
+    incs = _incidents(finished.analysis.state)
+    drift = [i for i in incs if i.kind in ("feature_drift", "prediction_drift")]
+    assert [i.subject for i in drift] == ["f.age"], [i.fingerprint for i in drift]
+    age = drift[0]
+    # k = 3 of m = 5: the third shifted window decides.
+    assert age.opened_ms == BASE_TS_MS + SHIFT[0] + 3 * MIN
+    assert age.status == "resolved" and age.resolved_ms is not None
+    assert SHIFT[1] < age.resolved_ms - BASE_TS_MS <= SHIFT[1] + 6 * MIN
+    assert age.opening_evidence["psi"] > 0.1 and age.opening_evidence["version"] == "7"
+
+
+def test_the_click_drop_pages_sequentially_and_by_the_period_tests(finished: Run) -> None:
+    incs = {i.subject: i for i in _incidents(finished.analysis.state) if i.kind == "performance_drop"}
+    assert "cusum:click" in incs and "rate:click" in incs, list(incs)
+    cusum, rate = incs["cusum:click"], incs["rate:click"]
+    # The CUSUM pages within a few windows of the change, before the first period ends.
+    assert SHIFT[0] < cusum.opened_ms - BASE_TS_MS <= SHIFT[0] + 4 * MIN
+    # The period test needs 2 of 3 periods of 5 minutes: 10 minutes after the change.
+    assert rate.opened_ms - BASE_TS_MS == SHIFT[0] + 10 * MIN
+    assert rate.opening_evidence["relative_change"] < -0.3
+    assert cusum.severity == "critical" and rate.severity == "critical"
+    assert all(i.status == "resolved" for i in incs.values())
+    # No false page outside the drop: nothing but the click rate and its consequences.
+    assert set(incs) <= {"cusum:click", "rate:click", "rate:like", "calibration", "log_loss"}
+
+
+def test_no_data_quality_findings_on_clean_data(finished: Run) -> None:
+    assert [i.fingerprint for i in _incidents(finished.analysis.state) if i.kind == "data_quality"] == []
+
+
+def test_incident_log_has_each_transition_once(finished: Run) -> None:
+    events = finished.analysis.state.incident_events(limit=10_000)
+    pairs = [(e[1], e[2]) for e in events]
+    assert len(pairs) == len(set(pairs))
+    for inc in _incidents(finished.analysis.state):
+        assert (inc.id, "firing") in pairs and (inc.id, "resolved") in pairs
+
+
+def test_restarts_of_the_analysis_give_the_same_incidents(world, finished: Run, tmp_path: Path) -> None:
+    run = _start(tmp_path)
+    _feed(run, *world, crash_every=7)
+    again = [(i.id, i.status, i.opened_ms, i.resolved_ms, i.firing_evaluations)
+             for i in _incidents(run.analysis.state)]
+    once = [(i.id, i.status, i.opened_ms, i.resolved_ms, i.firing_evaluations)
+            for i in _incidents(finished.analysis.state)]
+    assert again == once
