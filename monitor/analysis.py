@@ -185,7 +185,7 @@ class Analysis:
         self._refs: dict[str, Reference | None] = {}
         self._versions: dict[str, _Version] = {}
         self.last_error: str | None = None
-        self._notes: list[str] = []
+        self._stall_checked_upto = -1
         self._refresh_incident_gauge()
 
     # -- progress --------------------------------------------------------------------
@@ -468,6 +468,9 @@ class Analysis:
     def _labels_stalled(self, pred_closed: int, fb_closed: int | None) -> None:
         """Labels that stop maturing are an incident: the feedback pipeline is down, and
         every label-based metric is blind until it is back."""
+        if pred_closed <= self._stall_checked_upto:
+            return
+        self._stall_checked_upto = pred_closed
         first = self._pointer("join_upto") or self._pointer("first_pred_window")
         if first is None:
             self._commit({"first_pred_window": str(pred_closed)}, [])
@@ -513,7 +516,8 @@ class Analysis:
             self.metrics.incidents_firing.labels(inc.kind, inc.severity).inc()
 
     def status(self) -> dict[str, Any]:
-        refs = {k: (None if r is None else r.source) for k, r in self._refs.items()}
+        # Copies first: this runs on the HTTP thread while the analysis thread works.
+        refs = {k: (None if r is None else r.source) for k, r in dict(self._refs).items()}
         return {
             "drift_upto": _iso_or_none(self._pointer("drift_upto")),
             "join_upto": _iso_or_none(self._pointer("join_upto")),

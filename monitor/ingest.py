@@ -189,17 +189,26 @@ class Ingestor:
             self._first.pop((topic, p), None)
 
     def set_caught_up(self, topic: str, partition: int, high_watermark: int | None) -> None:
-        """Tell the watermark whether a partition has nothing left to read."""
-        if high_watermark is None or topic not in self._topics:
+        """Tell the watermark whether a partition has nothing left to read.
+
+        A high watermark not known yet (no fetch answered since assignment) counts as
+        behind: the partition may hold a backlog, and its events must not become late
+        just because the first fetch was slow.
+        """
+        if topic not in self._topics:
+            return
+        clock = self._topics[topic].clock
+        if high_watermark is None:
+            clock.set_caught_up(partition, False)
             return
         key = (topic, partition)
         pos = self._next.get(key, self._stored.get(key))
         if pos is None:
-            pos = 0 if high_watermark == 0 else None
-        if pos is not None:
-            self._topics[topic].clock.set_caught_up(partition, pos >= high_watermark)
-            self.metrics.consumer_lag.labels(topic, str(partition)).set(
-                max(0, high_watermark - pos))
+            # Nothing read and no stored position: behind unless the partition is empty.
+            clock.set_caught_up(partition, high_watermark == 0)
+            return
+        clock.set_caught_up(partition, pos >= high_watermark)
+        self.metrics.consumer_lag.labels(topic, str(partition)).set(max(0, high_watermark - pos))
 
     @property
     def buffered_rows(self) -> int:

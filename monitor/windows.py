@@ -14,6 +14,14 @@ A partition stops holding the watermark back when it goes idle (no record for
 consumer knows it is caught up with its high watermark. Without that rule one empty
 partition would keep every window open forever.
 
+A partition the consumer knows to be *behind* (its position below the high watermark,
+or a high watermark not fetched yet) is never idle, however long it has been quiet:
+its records exist and are merely slow to arrive (a restart, a rebalance, a busy
+process, kafka-python fetching partitions unevenly). Treating it as idle would move
+the watermark past its events and turn them into late events. Only a caller that says
+nothing about lag (``caught_up`` never set, as in tests without Kafka) gets the pure
+wall-clock rule.
+
 An event is *late* only when its window has already been finalised, i.e. its end is at
 or before ``closed_upto``; windows are finalised by the daemon at checkpoints, which
 is why the watermark and the closing point are separate numbers.
@@ -75,7 +83,8 @@ class PartitionClock:
     max_ts_ms: int | None = None
     last_record_wall_ms: int | None = None
     assigned_wall_ms: int = 0
-    caught_up: bool = False
+    #: True: nothing left to read; False: behind (or lag unknown yet); None: not told.
+    caught_up: bool | None = None
 
 
 class TopicClock:
@@ -129,6 +138,8 @@ class TopicClock:
             pc.caught_up = caught_up
 
     def _holds_back(self, pc: PartitionClock, now_ms: int) -> bool:
+        if pc.caught_up is False:
+            return True
         idle = self.spec.idle_timeout_ms
         if pc.last_record_wall_ms is not None:
             return now_ms - pc.last_record_wall_ms < idle

@@ -64,3 +64,47 @@ def bad_predictions(max_bytes: int) -> list[tuple[bytes, str]]:
         (b"", "empty"),
         (with_(features={"blob": "x" * max_bytes}), "oversized"),
     ]
+
+
+Timed = list[tuple[int, bytes]]
+
+
+def drifting_world(duration_ms: int, rate_per_s: int, shift: tuple[int, int], seed: int,
+                   *, base_ts_ms: int = BASE_TS_MS) -> tuple[Timed, Timed]:
+    """A CTR model's traffic, (ts, encoded) predictions and feedback in event-time order.
+
+    Between ``shift[0]`` and ``shift[1]`` (ms after the start) the feature ``age`` moves
+    by +0.6 sd and users click half as often as the scores predict; elsewhere the
+    scores are calibrated. ``like`` is 20% of clicks. Feedback follows its prediction
+    by up to 90 s (scaled down for short worlds).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = duration_ms * rate_per_s // 1000
+    offsets = np.sort(rng.integers(0, duration_ms, n))
+    ts = base_ts_ms + offsets
+    shifted = (offsets >= shift[0]) & (offsets < shift[1])
+    age = rng.normal(40, 10, n) + np.where(shifted, 6.0, 0.0)
+    price = rng.lognormal(3, 1, n)
+    country = rng.choice(["de", "fr", "us", "br"], n, p=[0.4, 0.3, 0.2, 0.1])
+    score = 1 / (1 + np.exp(-(-2.4 + 0.9 * rng.normal(0, 1, n))))
+    clicked = rng.random(n) < np.where(shifted, 0.5 * score, score)
+    liked = clicked & (rng.random(n) < 0.2)
+    delay = rng.integers(0, max(2, min(90_000, duration_ms // 30)), n)
+    preds, fbs = [], []
+    for i in range(n):
+        t = int(ts[i])
+        preds.append((t, encode({
+            "schema": "prediction/v1", "prediction_id": f"p{i}", "ts": t, "model": "ctr",
+            "model_version": "7", "user_id": f"u{i % 977}", "item_id": f"i{i % 131}",
+            "score": float(score[i]),
+            "features": {"age": float(age[i]), "price": float(price[i]), "country": str(country[i])},
+        })))
+        for kind, hit in (("click", clicked[i]), ("like", liked[i])):
+            if hit:
+                tf = t + int(delay[i])
+                fbs.append((tf, encode({"schema": "feedback/v1", "prediction_id": f"p{i}",
+                                        "ts": tf, "type": kind})))
+    fbs.sort(key=lambda x: x[0])
+    return preds, fbs

@@ -9,10 +9,8 @@ minute 15 to 25, then the world returns to normal. Ingestion is the real Ingesto
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from connectors.events import EventKind
@@ -26,7 +24,7 @@ from monitor.join import JoinSpec
 from monitor.metrics import Metrics
 from monitor.performance import PerformanceSpec
 from monitor.windows import WindowSpec
-from tests.events_gen import BASE_TS_MS
+from tests.events_gen import BASE_TS_MS, drifting_world
 from tests.test_ingest import Clock, MemoryDeadLetters, Rec
 
 P, F = "predictions", "feedback"
@@ -40,38 +38,6 @@ SPEC = AnalysisSpec(
     labels_stall_ms=30 * MIN)
 RATE = 40  # predictions per second
 SHIFT = (15 * MIN, 25 * MIN)
-
-
-def _world(minutes: int, seed: int) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
-    """(ts, encoded) predictions and feedback in event-time order."""
-    rng = np.random.default_rng(seed)
-    n = minutes * 60 * RATE
-    ts = BASE_TS_MS + np.sort(rng.integers(0, minutes * MIN, n))
-    shifted = (ts - BASE_TS_MS >= SHIFT[0]) & (ts - BASE_TS_MS < SHIFT[1])
-    age = rng.normal(40, 10, n) + np.where(shifted, 6.0, 0.0)
-    price = rng.lognormal(3, 1, n)
-    country = rng.choice(["de", "fr", "us", "br"], n, p=[0.4, 0.3, 0.2, 0.1])
-    z = rng.normal(0, 1, n)
-    score = 1 / (1 + np.exp(-(-2.4 + 0.9 * z)))
-    click_p = np.where(shifted, 0.5 * score, score)
-    clicked = rng.random(n) < click_p
-    liked = clicked & (rng.random(n) < 0.2)
-    delay = rng.integers(0, 90_000, n)
-    preds, fbs = [], []
-    for i in range(n):
-        preds.append((int(ts[i]), json.dumps({
-            "schema": "prediction/v1", "prediction_id": f"p{i}", "ts": int(ts[i]), "model": "ctr",
-            "model_version": "7", "user_id": f"u{i % 977}", "item_id": f"i{i % 131}",
-            "score": float(score[i]),
-            "features": {"age": float(age[i]), "price": float(price[i]), "country": str(country[i])},
-        }).encode()))
-        for kind, hit in (("click", clicked[i]), ("like", liked[i])):
-            if hit:
-                t = int(ts[i] + delay[i])
-                fbs.append((t, json.dumps({"schema": "feedback/v1", "prediction_id": f"p{i}",
-                                           "ts": t, "type": kind}).encode()))
-    fbs.sort(key=lambda x: x[0])
-    return preds, fbs
 
 
 @dataclasses.dataclass
@@ -143,7 +109,7 @@ def _incidents(state: StateStore) -> list[Incident]:
 
 @pytest.fixture(scope="module")
 def world():
-    return _world(45, seed=11)
+    return drifting_world(45 * MIN, RATE, SHIFT, seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +173,29 @@ def test_restarts_of_the_analysis_give_the_same_incidents(world, finished: Run, 
     once = [(i.id, i.status, i.opened_ms, i.resolved_ms, i.firing_evaluations)
             for i in _incidents(finished.analysis.state)]
     assert again == once
+
+
+def test_a_stored_reference_is_used_instead_of_bootstrapping(world, tmp_path: Path) -> None:
+
+    from connectors.events import decode_batch
+    from monitor.analysis import DirectoryReferences, Reference
+    from monitor.profile import Profile
+
+    preds, _ = world
+    # The reference: what the model saw in training, here the first 10 quiet minutes.
+    train = decode_batch(EventKind.PREDICTION, [v for t, v in preds if t < BASE_TS_MS + 10 * MIN],
+                         max_bytes=65536).table
+    cols = [c for c in train.column_names if c == "score" or c.startswith("f.")]
+    ref = Reference(Profile.fit(train.select(cols).to_pandas(), SPEC.profile), None, "training")
+    (tmp_path / "refs" / "ctr" / "7").mkdir(parents=True)
+    (tmp_path / "refs" / "ctr" / "7" / "reference.json").write_text(ref.to_json())
+
+    run = _start(tmp_path)
+    run.analysis = Analysis(SPEC, StateStore(tmp_path / "state.db", group_id="g", instance="a"), P, F,
+                            DirectoryReferences(tmp_path / "refs"), Metrics())
+    cut = BASE_TS_MS + 20 * MIN
+    _feed(run, [p for p in preds if p[0] < cut], [f for f in world[1] if f[0] < cut])
+    assert run.analysis.status()["references"]["ctr@7"].startswith("file:")
+    age = [i for i in _incidents(run.analysis.state) if i.kind == "feature_drift"]
+    assert [i.subject for i in age] == ["f.age"]
+    assert age[0].opened_ms == BASE_TS_MS + SHIFT[0] + 3 * MIN

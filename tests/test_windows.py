@@ -40,6 +40,20 @@ def test_partition_known_to_be_caught_up_does_not_hold_the_watermark() -> None:
     assert clock.watermark(now_ms=2) == 490_000
 
 
+def test_partition_known_to_be_behind_is_never_idle() -> None:
+    """A restart or a slow fetch must not turn a backlog into late events."""
+    clock = TopicClock(SPEC)
+    clock.assign([0, 1], now_ms=0)
+    clock.observe(0, 500_000, now_ms=1)
+    clock.set_caught_up(1, False)
+    assert clock.watermark(now_ms=60_000) is None  # a minute of silence: still waiting
+    clock.observe(1, 200_000, now_ms=60_001)
+    assert clock.watermark(now_ms=60_002) == 190_000
+    clock.set_caught_up(1, True)
+    clock.observe(0, 510_000, now_ms=64_000)
+    assert clock.watermark(now_ms=60_002 + SPEC.idle_timeout_ms) == 500_000  # 1 idle now
+
+
 def test_idle_partition_stops_holding_back_and_all_idle_closes_the_newest_window() -> None:
     clock = TopicClock(SPEC)
     clock.assign([0, 1], now_ms=0)
