@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from monitor.performance import PerformanceReference, WindowMetrics
+from monitor.performance import LOG_LOSS_EPS, PerformanceReference, WindowMetrics
 
 __all__ = ["BINS", "LabelSummary", "score_bins"]
 
 BINS = 2000
 _LOGIT_LIMIT = 12.0
 #: Scores are clipped here for the log loss (a 0 or 1 score would make it infinite).
-EPS = 1e-7
+EPS = LOG_LOSS_EPS
 
 
 def score_bins(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
@@ -191,8 +191,8 @@ class LabelSummary:
 
     def to_reference(self) -> PerformanceReference:
         """The reference side of `monitor.performance.evaluate`: every pair of the
-        reference period is ranked (on binned scores), so the AUC is the pooled one."""
-        return PerformanceReference(**self._numbers(), auc_method="exact", n_windows=1)
+        reference period is ranked on the binned scores, so the AUC is the pooled one."""
+        return PerformanceReference(**self._numbers(), auc_method="binned", n_windows=1)
 
     # -- persistence -----------------------------------------------------------------
 

@@ -416,7 +416,9 @@ class PerformanceReference(_Sums):
       negatives) are left out of the AUC.
 
     Parameters:
-        auc_method: ``"exact"`` (from :meth:`fit`) or ``"pair-weighted"``.
+        auc_method: ``"exact"`` (from :meth:`fit`), ``"pair-weighted"``, or
+            ``"binned"`` (every pair ranked on 2,000 logit bins, from
+            ``monitor.labels.LabelSummary.to_reference``).
         n_windows: Windows pooled (1 for :meth:`fit`).
 
     Example:
@@ -437,7 +439,7 @@ class PerformanceReference(_Sums):
     score_sum: float
     score_sq_sum: float
     score_cube_sum: float
-    auc_method: Literal["exact", "pair-weighted"] = "exact"
+    auc_method: Literal["exact", "pair-weighted", "binned"] = "exact"
     n_windows: int = field(default=1)
 
     @classmethod
@@ -493,7 +495,7 @@ class PerformanceReference(_Sums):
         """Inverse of :meth:`to_dict`; refuses an unknown ``format``."""
         _check_format(d, REFERENCE_FORMAT)
         method = d["auc_method"]
-        if method not in ("exact", "pair-weighted"):
+        if method not in ("exact", "pair-weighted", "binned"):
             msg = f"unknown auc_method {method!r}"
             raise ValueError(msg)
         return cls(**_numbers_from_dict(d), auc_method=method, n_windows=int(d["n_windows"]))
