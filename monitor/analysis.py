@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 #: Rows per batch when streaming a window from Parquet: bounds the stage's memory.
 BATCH_ROWS = 262_144
 _PRED_COLUMNS = ["prediction_id", "ts", "model", "model_version", "score"]
+_PROFILE_KEYS = frozenset({"model", "model_version", "score"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +249,10 @@ class Analysis:
                 msg = f"segment {path} is registered but not published yet"
                 raise NotYet(msg)
             f = pq.ParquetFile(path)
-            cols = None if columns is None else [c for c in columns if c in f.schema_arrow.names]
+            names = f.schema_arrow.names
+            # None: what a profile needs (ids, ranks and user columns are never read).
+            cols = ([c for c in names if c in _PROFILE_KEYS or c.startswith("f.")] if columns is None
+                    else [c for c in columns if c in names])
             for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=cols):
                 yield pa.Table.from_batches([batch])
 
