@@ -1,0 +1,53 @@
+"""The dependency direction of DESIGN.md section 1, checked on the source.
+
+``monitor -> retrain -> connectors``, never back; and the statistical cores import
+nothing that does I/O, so every rule in them is testable with plain arrays.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Pure cores: numbers in, numbers out. No Kafka, no files, no network, no clock.
+CORES = ["monitor/profile.py", "monitor/drift.py", "monitor/performance.py",
+         "monitor/sequential.py", "monitor/incidents.py", "monitor/join.py",
+         "monitor/labels.py", "monitor/windows.py"]
+IO_MODULES = {"connectors", "kafka", "sqlite3", "socket", "http", "urllib", "httpx", "requests",
+              "mlflow", "subprocess", "time", "datetime", "pyarrow.parquet", "pyarrow.ipc"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _top(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+@pytest.mark.parametrize("package, forbidden", [
+    ("connectors", {"monitor", "retrain"}),
+    ("retrain", {"monitor"}),
+])
+def test_dependencies_point_one_way(package: str, forbidden: set[str]) -> None:
+    bad = {str(p.relative_to(REPO)): sorted(n for n in _imports(p) if _top(n) in forbidden)
+           for p in (REPO / package).rglob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_statistical_cores_do_no_io(core: str) -> None:
+    names = _imports(REPO / core)
+    bad = sorted(n for n in names if n in IO_MODULES or _top(n) in IO_MODULES)
+    assert not bad, f"{core} imports {bad}"
