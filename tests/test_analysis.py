@@ -199,3 +199,13 @@ def test_a_stored_reference_is_used_instead_of_bootstrapping(world, tmp_path: Pa
     age = [i for i in _incidents(run.analysis.state) if i.kind == "feature_drift"]
     assert [i.subject for i in age] == ["f.age"]
     assert age[0].opened_ms == BASE_TS_MS + SHIFT[0] + 3 * MIN
+
+
+def test_a_stationary_hour_raises_no_incident(tmp_path: Path) -> None:
+    """Every rule at once on an unchanged world: 60 drift windows x 3 features and the
+    score, 10 performance periods x 5 metrics, 144k events of CUSUM (ARL 1e6)."""
+    preds, fbs = drifting_world(60 * MIN, RATE, (0, 0), seed=23)
+    run = _start(tmp_path)
+    _feed(run, preds, fbs)
+    assert run.analysis.status()["join_upto"] is not None
+    assert [i.fingerprint for i in _incidents(run.analysis.state)] == []
