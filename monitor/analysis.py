@@ -351,7 +351,8 @@ class Analysis:
             drifting = decider.update(report.flags)
             v.decider = decider.state_dict()
             values[f"version/{key}"] = v.to_json()
-            signals.extend(_drift_signals(model, version, start, end, report, drifting, ref))
+            signals.extend(_drift_signals(model, version, start, end, report, drifting, ref,
+                                          summaries[key]))
         self._commit(values, signals)
         self.metrics.windows_analysed.labels("drift").inc()
         self.metrics.analysis_seconds.labels("drift").observe(time.perf_counter() - t0)
@@ -578,7 +579,8 @@ def _features_frame(t: pa.Table) -> pd.DataFrame:
 
 
 def _drift_signals(model: str, version: str, start: int, end: int, report: Any,
-                   drifting: frozenset[str], ref: Reference) -> list[Signal]:
+                   drifting: frozenset[str], ref: Reference,
+                   window: Profile | None = None) -> list[Signal]:
     out = []
     for f in report.features:
         kind = "prediction_drift" if f.kind == "score" else "feature_drift"
@@ -589,7 +591,8 @@ def _drift_signals(model: str, version: str, start: int, end: int, report: Any,
                      f"adjusted p {f.p_adjusted:.2g}" if moved else ""),
             evidence={"version": version, "psi": f.psi, "js": f.js, "wasserstein": f.wasserstein,
                       "p_value": f.p_value, "p_adjusted": f.p_adjusted, "rows": f.rows,
-                      "flagged_this_window": f.drifting, "reference": ref.source}))
+                      "flagged_this_window": f.drifting, "reference": ref.source,
+                      **_bins(ref.profile, window, f.feature)}))
     for q in report.quality:
         out.append(Signal(
             "data_quality", model, f"{q.feature}:{q.check}", q.firing, start, end, Severity.WARNING,
@@ -598,6 +601,23 @@ def _drift_signals(model: str, version: str, start: int, end: int, report: Any,
             evidence={"version": version, "value": q.value, "reference": q.reference,
                       "p_value": q.p_value, "p_adjusted": q.p_adjusted}))
     return out
+
+
+def _bins(ref: Profile, window: Profile | None, name: str) -> dict[str, Any]:
+    """The reference's and the window's bin counts of one feature: what the drift report
+    (monitor/reports.py) plots. A few dozen numbers per feature."""
+    if window is None:
+        return {}
+    r = ref.score if name == ref.score_column else ref.numeric.get(name)
+    w = window.score if name == window.score_column else window.numeric.get(name)
+    if r is not None and w is not None:
+        return {"edges": list(r.edges), "reference_counts": list(r.counts),
+                "window_counts": list(w.counts)}
+    rc, wc = ref.categorical.get(name), window.categorical.get(name)
+    if rc is not None and wc is not None:
+        return {"categories": [*rc.categories, "(other)"], "reference_counts": list(rc.counts),
+                "window_counts": list(wc.counts)}
+    return {}
 
 
 def _merge_by_fingerprint(signals: list[Signal]) -> list[Signal]:

@@ -26,6 +26,12 @@ __all__ = ["Incident", "IncidentBook", "Outcome", "Severity", "Signal", "Transit
 
 #: How many firing windows an incident remembers (its evidence trail).
 MAX_WINDOWS = 50
+#: How many evaluations (firing or clean) its metric history keeps: the report's plot.
+MAX_HISTORY = 240
+#: The evidence key that is an incident's headline number, first present wins: PSI for
+#: drift, the value of a data-quality check, the observed metric of a drop test, the
+#: window's rate for the CUSUM.
+HEADLINE_KEYS = ("psi", "value", "observed", "window_rate")
 
 
 class Severity(enum.IntEnum):
@@ -93,6 +99,9 @@ class Incident(msgspec.Struct, kw_only=True):
     evidence: dict[str, Any] = msgspec.field(default_factory=dict)
     #: ... and of the evaluation that opened the incident (what paged).
     opening_evidence: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: [window end ms, headline number or None, firing] per evaluation since it opened,
+    #: at most MAX_HISTORY, oldest first (the metric over time in the drift report).
+    history: list[list[Any]] = msgspec.field(default_factory=list)
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -179,6 +188,7 @@ class IncidentBook:
                     if escalated:
                         inc.severity = s.severity.label
                         out.append(Transition("escalated", inc))
+                _record(inc, s)
                 touched[fp] = inc
             elif inc is not None:
                 inc.clean_evaluations += 1
@@ -188,5 +198,19 @@ class IncidentBook:
                     inc.resolved_ms = s.window_end_ms
                     del self._open[fp]
                     out.append(Transition("resolved", inc))
+                _record(inc, s)
                 touched[fp] = inc
         return Outcome(out, list(touched.values()))
+
+
+def headline(evidence: Mapping[str, Any]) -> float | None:
+    """The number that says how bad it is (see HEADLINE_KEYS), or None."""
+    for key in HEADLINE_KEYS:
+        v = evidence.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def _record(inc: Incident, s: Signal) -> None:
+    inc.history = [*inc.history, [s.window_end_ms, headline(s.evidence), s.firing]][-MAX_HISTORY:]
