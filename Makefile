@@ -29,7 +29,7 @@ test: venv kafka-fetch lint
 	$(BIN)/python -m pytest
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not kafka and not slow"
+	$(BIN)/python -m pytest -m "not kafka and not mlflow and not slow"
 
 schemas: venv
 	$(BIN)/python -m connectors.schemas

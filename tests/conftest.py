@@ -1,3 +1,4 @@
-"""Shared pytest configuration: the real Kafka fixtures live in tests/kafka_fixtures.py."""
+"""Shared pytest configuration: the real Kafka fixtures live in tests/kafka_fixtures.py, the real
+MLflow server and PostgreSQL in tests/mlflow_fixtures.py."""
 
-pytest_plugins = ["tests.kafka_fixtures"]
+pytest_plugins = ["tests.kafka_fixtures", "tests.mlflow_fixtures"]

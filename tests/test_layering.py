@@ -51,3 +51,10 @@ def test_statistical_cores_do_no_io(core: str) -> None:
     names = _imports(REPO / core)
     bad = sorted(n for n in names if n in IO_MODULES or _top(n) in IO_MODULES)
     assert not bad, f"{core} imports {bad}"
+
+
+def test_only_connectors_import_mlflow() -> None:
+    """MLflow's client stays behind connectors/registry.py (STYLE.md section 7)."""
+    bad = {str(p.relative_to(REPO)): sorted(n for n in _imports(p) if _top(n) == "mlflow")
+           for pkg in ("monitor", "retrain") for p in (REPO / pkg).rglob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}
