@@ -184,6 +184,8 @@ class Analysis:
                                                                                limit=10_000)]
         self.book = IncidentBook(spec.resolve_after, open_incidents)
         self._refs: dict[str, Reference | None] = {}
+        #: Versions whose reference was looked for in vain during the current drift window.
+        self._refs_missed: set[str] = set()
         self._versions: dict[str, _Version] = {}
         self.last_error: str | None = None
         self._stall_checked_upto = -1
@@ -266,20 +268,26 @@ class Analysis:
 
     def _reference(self, model: str, version: str) -> Reference | None:
         key = _key(model, version)
-        if key in self._refs:
-            return self._refs[key]
+        cached = self._refs.get(key)
+        # A version without a reference yet is asked for again on each drift window, not
+        # once per process: the registry may have been down, or the reference logged
+        # after the version went live. Bootstrapping (after bootstrap_ms) ends the search.
+        if cached is not None or key in self._refs_missed:
+            return cached
         stored = self.state.monitor_value(f"ref/{key}")
         ref = Reference.from_json(stored) if stored is not None else None
         if ref is None and self.references is not None:
             try:
                 ref = self.references.lookup(model, version)
             except Exception as exc:  # a registry outage must not stop monitoring
-                log.warning("reference lookup failed; will bootstrap or retry",
+                log.warning("reference lookup failed; will retry on the next window, and "
+                            "bootstrap if it still fails by then",
                             extra={"fields": {"model": key, "error": repr(exc)}})
-                return None
             if ref is not None:
                 self.state.commit_monitor(MonitorCommit(values={f"ref/{key}": ref.to_json()}))
                 log.info("reference loaded", extra={"fields": {"model": key, "source": ref.source}})
+        if ref is None:
+            self._refs_missed.add(key)
         self._refs[key] = ref
         return ref
 
@@ -317,6 +325,7 @@ class Analysis:
 
     def _drift_window(self, start: int) -> None:
         t0 = time.perf_counter()
+        self._refs_missed.clear()
         end = start + self.spec.window_ms
         values: dict[str, str] = {"drift_upto": str(end)}
         signals: list[Signal] = []

@@ -247,6 +247,28 @@ class MonitorConfig(_Section):
         return self.primary_label or self.label_types[0]
 
 
+class MlflowConfig(_Section):
+    """The MLflow tracking server and model registry (docs/mlflow.md)."""
+
+    #: e.g. http://mlflow:5000. None: no registry; references come from
+    #: monitor.reference_dir or are bootstrapped from traffic.
+    tracking_uri: str | None = None
+    #: Bound on one request, and retries of a failed one (0, 2, 4 ... s apart): the
+    #: analysis retries a failed reference lookup on its next window anyway.
+    request_timeout_seconds: int = 10
+    max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.tracking_uri is not None and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$",
+                                                          self.tracking_uri):
+            msg = f"mlflow.tracking_uri must be a URI such as http://mlflow:5000, got {self.tracking_uri!r}"
+            raise ValueError(msg)
+        _positive("mlflow.request_timeout_seconds", self.request_timeout_seconds)
+        if self.max_retries < 0:
+            msg = f"mlflow.max_retries must be >= 0, got {self.max_retries}"
+            raise ValueError(msg)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -262,6 +284,7 @@ class Config(_Section):
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
+    mlflow: MlflowConfig = msgspec.field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
         size = self.windows.size_seconds

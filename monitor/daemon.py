@@ -31,7 +31,7 @@ from connectors.kafka import (
 )
 from connectors.state import StateStore
 from connectors.store import FeedbackStore, SpillFiles
-from monitor.analysis import Analysis, AnalysisSpec, DirectoryReferences, NotYet
+from monitor.analysis import Analysis, AnalysisSpec, DirectoryReferences, NotYet, References
 from monitor.config import Config
 from monitor.ingest import Ingestor
 from monitor.join import JoinSpec
@@ -336,6 +336,26 @@ class Daemon:
         }
 
 
+def _references(config: Config) -> References | None:
+    """The model registry's references first (mlflow.tracking_uri), then reference_dir."""
+    sources: list[References] = []
+    if config.mlflow.tracking_uri:
+        # Imported here: mlflow takes seconds to import, and only this needs it.
+        from connectors.registry import ModelRegistry
+        from monitor.references import MlflowReferences
+
+        mf = config.mlflow
+        sources.append(MlflowReferences(ModelRegistry(
+            mf.tracking_uri, timeout_s=mf.request_timeout_seconds, max_retries=mf.max_retries)))
+    if config.monitor.reference_dir:
+        sources.append(DirectoryReferences(Path(config.monitor.reference_dir)))
+    if len(sources) > 1:
+        from monitor.references import FirstOf
+
+        return FirstOf(sources)
+    return sources[0] if sources else None
+
+
 def _analysis(config: Config, metrics: Metrics) -> Analysis:
     m = config.monitor
     window_ms = config.windows.size_seconds * 1000
@@ -361,7 +381,7 @@ def _analysis(config: Config, metrics: Metrics) -> Analysis:
     # the analysis thread while the main thread checkpoints.
     state = StateStore(config.storage.state_path, group_id=config.kafka.group_id,
                        instance=config.instance)
-    references = DirectoryReferences(Path(m.reference_dir)) if m.reference_dir else None
+    references = _references(config)
     return Analysis(spec, state, config.kafka.predictions_topic, config.kafka.feedback_topic,
                     references, metrics)
 

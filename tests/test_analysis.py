@@ -72,8 +72,11 @@ def _drain(a: Analysis) -> None:
             continue
 
 
-def _feed(run: Run, preds, fbs, *, crash_every: int | None = None) -> None:
-    """Ingest in 10 s slices of event time, checkpointing and analysing after each."""
+def _feed(run: Run, preds, fbs, *, crash_every: int | None = None, after_slice=None) -> None:
+    """Ingest in 10 s slices of event time, checkpointing and analysing after each.
+
+    ``after_slice(upto_ms)``, if given, runs after each slice's analysis (tests that change
+    the world around the analysis mid-stream: an outage, a recovery)."""
     pi = fi = 0
     end = preds[-1][0] + 1
     for steps, upto in enumerate(range(BASE_TS_MS + 10_000, end + 10_000, 10_000), start=1):
@@ -91,6 +94,8 @@ def _feed(run: Run, preds, fbs, *, crash_every: int | None = None) -> None:
         run.clock.now += 1_000
         run.ingestor.checkpoint()
         _drain(run.analysis)
+        if after_slice is not None:
+            after_slice(upto)
         if crash_every and steps % crash_every == 0:
             run.analysis.state.close()  # the analysis "dies"; its durable state remains
             run.analysis = _analysis(run.tmp)
