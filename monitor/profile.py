@@ -33,9 +33,9 @@ Layout decisions, all made when the reference is fitted:
 * Labels: positives and matured count per label type; NaN means "not matured"
   and is not counted.
 
-Everything is vectorised per column (``np.searchsorted`` + ``np.bincount`` for
-numbers, ``pandas.factorize`` for categories); Python loops run over distinct
-categories at most, never over rows.
+Everything is vectorised per column (chunked comparisons against the few bin
+edges for numbers, hash counts for categories); Python loops run over
+chunks, edges and distinct categories, never over rows.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ IntArray = npt.NDArray[np.int64]
 #: Larger magnitudes count as missing: their squares overflow float64 and
 #: would turn the moments into inf. No real feature gets near this.
 _MAX_ABS = 1e150
+
+#: Values per chunk when counting a numeric column: two float64/bool buffers
+#: of this length (0.6 MB) stay in the L2 cache however long the column is.
+_CHUNK = 1 << 16
 
 #: Columns given as a DataFrame or as a mapping of column name to array.
 Data = pd.DataFrame | Mapping[str, Any]
@@ -229,30 +233,68 @@ class NumericSummary(_Counted):
 
     @classmethod
     def from_values(cls, values: Any, edges: tuple[float, ...]) -> NumericSummary:
-        """Count ``values`` into the bins given by ``edges``, in one vectorised pass."""
+        """Count ``values`` into the bins given by ``edges``, in one vectorised pass.
+
+        The column is read once, in chunks of ``_CHUNK`` values whose
+        temporaries stay in the CPU cache: per chunk, the bin counts come from
+        one comparison per edge (``count(v <= e)``; with ten bins that is
+        several times faster than a binary search per value), and the chunk's
+        mean and M2 merge into the running ones by Chan et al.'s formula, as
+        :meth:`__add__` merges summaries. Memory beyond the input is two
+        chunk-sized buffers, whatever the column's length.
+        """
         x = np.asarray(values, dtype=np.float64).ravel()
-        # NaN compares False, so this one pass also drops NaN and +-inf.
-        finite = np.abs(x) <= _MAX_ABS
-        v = x if bool(finite.all()) else x[finite]
         e = np.asarray(edges, dtype=np.float64)
-        # side="left" puts a value equal to an edge in the bin that edge closes.
-        idx = np.searchsorted(e, v, side="left")
-        counts = np.bincount(idx, minlength=e.size + 1)
-        n = int(v.size)
+        size = int(x.size)
+        at_or_below = np.zeros(e.size, dtype=np.int64)  # values <= each edge
+        n, mean, m2 = 0, 0.0, 0.0
+        lo_sum = hi_sum = whole_sum = 0.0
+        lo, hi = math.inf, -math.inf
+        buf = np.empty(min(size, _CHUNK), dtype=np.float64)
+        mask = np.empty(min(size, _CHUNK), dtype=bool)
+        for start in range(0, size, _CHUNK):
+            c = x[start:start + _CHUNK]
+            # NaN compares False, so this one pass also drops NaN and +-inf.
+            finite = np.less_equal(np.abs(c, out=buf[:c.size]), _MAX_ABS, out=mask[:c.size])
+            if not bool(finite.all()):
+                c = c[finite]
+            k = int(c.size)
+            if k == 0:
+                continue
+            b, m = buf[:k], mask[:k]
+            for i, edge in enumerate(e.tolist()):
+                # Right-closed bins: a value equal to an edge is in the bin it closes.
+                np.less_equal(c, edge, out=m)
+                at_or_below[i] += np.count_nonzero(m)
+                if i == 0:
+                    lo_sum += float(np.multiply(c, m, out=b).sum())
+            if e.size:
+                hi_sum += float(np.multiply(c, np.logical_not(m, out=m), out=b).sum())
+            c_sum = float(c.sum())
+            whole_sum += c_sum
+            c_mean = c_sum / k
+            d = np.subtract(c, c_mean, out=b)
+            c_m2 = float(np.square(d, out=d).sum())
+            total = n + k
+            delta = c_mean - mean
+            mean += delta * (k / total)
+            m2 += c_m2 + delta * delta * (n * k / total)
+            n = total
+            lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+        counts = tuple(int(v) for v in np.diff(at_or_below, prepend=0, append=n))
         if n == 0:
-            return cls(edges, tuple(int(c) for c in counts), missing=int(x.size))
-        sums = np.bincount(idx, weights=v, minlength=e.size + 1)
-        mean = float(v.mean())
-        m2 = float(np.square(v - mean).sum())
+            return cls(edges, counts, missing=size)
+        if not e.size:  # one bin, both outer ones
+            lo_sum = hi_sum = whole_sum
         return cls(
             edges=edges,
-            counts=tuple(int(c) for c in counts),
-            missing=int(x.size - n),
+            counts=counts,
+            missing=size - n,
             mean=mean,
             m2=m2,
-            min=float(v.min()),
-            max=float(v.max()),
-            tail_sums=(float(sums[0]), float(sums[-1])),
+            min=lo,
+            max=hi,
+            tail_sums=(lo_sum, hi_sum),
         )
 
     @property
@@ -620,7 +662,8 @@ class Profile:
             data: A DataFrame, or a mapping of column name to 1-d array.
         """
         cols, rows = _columns(data)
-        nan = np.full(rows, np.nan)
+        # A read-only all-NaN column of zero stride: absent columns cost no memory.
+        nan = np.broadcast_to(np.float64(np.nan), (rows,))
         num = {name: NumericSummary.from_values(
                    _as_float(cols[name], name) if name in cols else nan, s.edges)
                for name, s in self.numeric.items()}
@@ -779,9 +822,49 @@ def _quantile_edges(x: FloatArray, bins: int) -> tuple[float, ...]:
 
 
 def _category_counts(values: Any) -> tuple[list[str], FloatArray, int]:
-    """Distinct categories as strings, their counts, and the missing count."""
+    """Distinct categories as strings, their counts, and the missing count.
+
+    Categorical and Arrow-backed columns (pandas' default string dtype with
+    pyarrow) are counted by ``value_counts``, i.e. by bincount of the codes
+    or by pyarrow's hash kernel, about twice as fast as ``factorize`` on
+    them. NumPy-backed columns (object arrays) are factorised in chunks of
+    ``_CHUNK`` rows, so the per-row codes never exceed one chunk (a whole
+    1M-row column's codes and hash table cost ~25 MB) and stay in the cache
+    (faster, too); the chunks' counts merge by category. Other extension
+    arrays are factorised whole. Categories with no rows (unused levels of a
+    ``Categorical``) are dropped.
+    """
+    dtype = getattr(values, "dtype", None)
+    if isinstance(values, pd.Series) and (
+            isinstance(dtype, pd.CategoricalDtype | pd.ArrowDtype)
+            or (isinstance(dtype, pd.StringDtype) and dtype.storage in ("pyarrow", "pyarrow_numpy"))):
+        vc = values.value_counts(dropna=True, sort=False)
+        counts = vc.to_numpy(dtype=np.float64)
+        keep = counts > 0
+        keys = vc.index.tolist() if bool(keep.all()) else vc.index[keep].tolist()
+        return [str(u) for u in keys], counts[keep], int(len(values) - counts.sum())
+    if isinstance(values, pd.Series | pd.Index) and isinstance(dtype, np.dtype):
+        values = values.to_numpy()
+    if not (isinstance(values, np.ndarray) and values.ndim == 1 and values.size > _CHUNK):
+        uniques, counts, missing = _factorized_counts(values)
+        return [str(u) for u in uniques], counts.astype(np.float64), missing
+    merged: dict[Any, int] = {}
+    missing = 0
+    for start in range(0, values.size, _CHUNK):
+        uniques, counts, chunk_missing = _factorized_counts(values[start:start + _CHUNK])
+        missing += chunk_missing
+        # Keys compare as factorize compares them (1 == 1.0), so chunks agree with a whole pass.
+        for u, c in zip(uniques, counts.tolist(), strict=True):
+            merged[u] = merged.get(u, 0) + c
+    return ([str(u) for u in merged], np.fromiter(merged.values(), dtype=np.float64, count=len(merged)),
+            missing)
+
+
+def _factorized_counts(values: Any) -> tuple[list[Any], IntArray, int]:
+    """Distinct values (first occurrences), their counts, and the missing count."""
     codes, uniques = pd.factorize(values, use_na_sentinel=True)
-    codes = np.asarray(codes)
-    present = codes >= 0
-    ucounts = np.bincount(codes[present], minlength=len(uniques)).astype(np.float64)
-    return [str(u) for u in uniques], ucounts, int(codes.size - np.count_nonzero(present))
+    # Shift the missing sentinel -1 to bin 0 in place: no mask, no second array.
+    codes = np.add(codes, 1, out=codes if isinstance(codes, np.ndarray) and codes.flags.writeable
+                   else None)
+    counts = np.bincount(codes, minlength=len(uniques) + 1)
+    return list(uniques), counts[1:], int(counts[0])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import doctest
+import json
 import math
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,29 +110,41 @@ def test_measured_delay_matches_the_exact_zero_state_arl_after_a_change() -> Non
 
 
 def delays_after_change(det: BernoulliCUSUM | AdaptiveBernoulliCUSUM, p0: float, p1: float,
-                        seeds: int, warmup: int) -> tuple[np.ndarray, int]:
+                        seeds: int, warmup: int, restart: bool = False,
+                        horizon: int | None = None) -> tuple[np.ndarray, int]:
     """Events from the change to the alarm, and how many runs false-alarmed before it.
 
     With ``warmup`` events at ``p0`` first the change meets the detector in
-    its steady state, as in production; runs that alarm during the warm-up
-    are dropped (the conditional delay of Pollak & Siegmund 1985).
+    its steady state, as in production. Runs that alarm during the warm-up
+    are dropped (the conditional delay of Pollak & Siegmund 1985), or with
+    ``restart`` the detector is reset after the alarm and goes on, as the
+    monitor does. A run with no alarm within ``horizon`` events is a miss (inf).
     """
     out, false_alarms = [], 0
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
         det.reset()
         if warmup:
-            det.update_many(rng.random(warmup) < p0)
-            if det.drift_detected:
-                false_alarms += 1
-                continue
+            xs = rng.random(warmup) < p0
+            if not restart:
+                det.update_many(xs)
+                if det.drift_detected:
+                    false_alarms += 1
+                    continue
+            else:
+                while (i := det.update_many(xs)) >= 0:
+                    false_alarms += 1
+                    det.reset()
+                    xs = xs[i + 1:]
         seen = 0
-        while True:
+        while horizon is None or seen < horizon:
             i = det.update_many(rng.random(20_000) < p1)
             if i >= 0:
                 out.append(seen + i + 1)
                 break
             seen += 20_000
+        else:
+            out.append(math.inf)
     return np.array(out, dtype=np.float64), false_alarms
 
 
@@ -148,13 +162,75 @@ def test_a_drop_from_5_to_4_5_percent_is_detected_within_15k_events_median() -> 
     assert det.arl(0.045) == pytest.approx(17_191, rel=1e-3)
 
 
-def test_the_bank_keeps_its_configured_false_alarm_rate() -> None:
-    bank = AdaptiveBernoulliCUSUM(0.05, arl0=2_000)
-    lengths = run_lengths(bank, 0.05, runs=1_500, seed=3, chunk=20_000)
-    se = lengths.std(ddof=1) / math.sqrt(lengths.size)
-    # Bonferroni over 4 members: at least arl0, at most 4 * arl0.
-    assert lengths.mean() >= 2_000 - 3 * se
-    assert lengths.mean() <= 4 * 2_000
+def test_adaptive_mean_run_length_equals_its_mean_statistic_at_the_alarm() -> None:
+    """Optional stopping: E[T] = E[R_T] >= arl0, with R_T one likelihood ratio above arl0."""
+    det = AdaptiveBernoulliCUSUM(0.05, arl0=2_000)
+    rng = np.random.default_rng(3)
+    lengths, at_alarm, since = [], [], 0
+    while len(lengths) < 2_000:
+        xs = rng.random(50_000) < 0.05
+        while xs.size:
+            i = det.update_many(xs)
+            if i < 0:
+                since += xs.size
+                break
+            lengths.append(since + i + 1)
+            at_alarm.append(det.statistic)
+            since = 0
+            det.reset()
+            xs = xs[i + 1:]
+    t, r = np.array(lengths, dtype=np.float64), np.array(at_alarm)
+    se = t.std(ddof=1) / math.sqrt(t.size)
+    assert abs(t.mean() - r.mean()) <= 3 * se
+    assert abs(t.mean() - 2_000) <= 3 * se  # the configured ARL, within 3 standard errors
+    # The overshoot is at most one event's likelihood ratio (0.96 / 0.95 for a 20% drop at 5%).
+    assert r.min() >= 2_000
+    assert r.max() <= (2_000 + 1) * 1.0106
+
+
+def count_false_alarms(det: BernoulliCUSUM | AdaptiveBernoulliCUSUM, p: float, events: int,
+                       seed: int) -> int:
+    rng = np.random.default_rng(seed)
+    alarms = 0
+    det.reset()
+    for _ in range(events // 1_000_000):
+        xs = rng.random(1_000_000) < p
+        while xs.size:
+            i = det.update_many(xs)
+            if i < 0:
+                break
+            alarms += 1
+            det.reset()
+            xs = xs[i + 1:]
+    return alarms
+
+
+def test_adaptive_false_alarm_rate_is_one_per_arl0_events() -> None:
+    # 2e7 events at arl0 = 1e5: about 200 alarms (Poisson sd 14). A detector off
+    # by 25% in its false-alarm rate fails this.
+    alarms = count_false_alarms(AdaptiveBernoulliCUSUM(0.05, arl0=1e5), 0.05, 20_000_000, seed=13)
+    assert abs(alarms - 200) <= 3 * math.sqrt(200)
+
+
+def test_adaptive_detector_catches_5_10_20_percent_drops_and_adapts() -> None:
+    """Steady state (100k warm-up events at 5%), arl0 = 1e6, 100 seeds, no miss in 1M events."""
+    adaptive = AdaptiveBernoulliCUSUM(0.05, 1e6)
+    tuned = BernoulliCUSUM(0.05, 0.045, 1e6)  # a CUSUM tuned to the 10% drop
+    medians, p90s = {}, {}
+    for name, det in [("adaptive", adaptive), ("tuned", tuned)]:
+        for drop in (0.05, 0.1, 0.2):
+            d, _ = delays_after_change(det, 0.05, 0.05 * (1 - drop), seeds=100, warmup=100_000,
+                                       restart=True, horizon=1_000_000)
+            assert np.isfinite(d).all()  # no miss
+            medians[name, drop], p90s[name, drop] = np.median(d), np.percentile(d, 90)
+    assert medians["adaptive", 0.1] < 15_000
+    assert medians["adaptive", 0.05] < 45_000
+    assert medians["adaptive", 0.2] < 5_500
+    # Adapting: away from the 10% drop it beats the CUSUM tuned to 10%, at the
+    # price of a longer median delay on the 10% drop itself.
+    assert p90s["adaptive", 0.05] < 0.9 * p90s["tuned", 0.05]
+    assert medians["adaptive", 0.2] < 0.95 * medians["tuned", 0.2]
+    assert medians["tuned", 0.1] < medians["adaptive", 0.1] < 1.2 * medians["tuned", 0.1]
 
 
 def test_the_bank_catches_large_drops_sooner_than_a_cusum_tuned_to_a_small_one() -> None:
@@ -173,9 +249,19 @@ def scalar_copy(det: BernoulliCUSUM | AdaptiveBernoulliCUSUM,
     if isinstance(det, BernoulliCUSUM):
         twin: BernoulliCUSUM | AdaptiveBernoulliCUSUM = BernoulliCUSUM(det.p0, det.p1, det.arl0)
     else:
-        twin = AdaptiveBernoulliCUSUM(det.p0, det.arl0, det.drops)
+        twin = AdaptiveBernoulliCUSUM(det.p0, det.arl0, det.drops, det.weights)
     twin.load_state_dict(det.state_dict())
     return twin
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Equal states; the adaptive detector's statistics up to float rounding (rel 1e-9)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "r":
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12)
+        else:
+            assert a[key] == b[key], key
 
 
 detectors = st.one_of(
@@ -184,6 +270,10 @@ detectors = st.one_of(
               ).filter(lambda d: d.p0 != d.p1),
     st.builds(AdaptiveBernoulliCUSUM, st.sampled_from([0.05, 0.3]),
               st.sampled_from([30.0, 500.0]), st.just((0.1, 0.3, 0.6))),
+    # Large log-likelihood ratios: the block update must cut its blocks (exp range).
+    st.builds(AdaptiveBernoulliCUSUM, st.sampled_from([0.6, 0.95]),
+              st.sampled_from([50.0, 1e12]), st.just((0.2, 0.9, 0.99)),
+              st.sampled_from([(1.0, 1.0, 1.0), (1.0, 5.0, 1e-3)])),
 )
 
 
@@ -201,7 +291,7 @@ def test_update_many_equals_repeated_update(det: BernoulliCUSUM | AdaptiveBernou
             if expected < 0 and not already and twin.drift_detected:
                 expected = i
         assert first == expected
-        assert det.state_dict() == twin.state_dict()
+        assert_same_state(det.state_dict(), twin.state_dict())
         assert det.drift_detected == twin.drift_detected
 
 
@@ -233,14 +323,51 @@ def test_state_dict_round_trip_gives_identical_behaviour(
     assert det.state_dict() == restored.state_dict()
 
 
-def test_update_many_runs_well_under_200_ns_per_event() -> None:
+def test_adaptive_state_survives_json_exactly_and_behaves_identically() -> None:
+    rng = np.random.default_rng(8)
+    det = AdaptiveBernoulliCUSUM(0.05, 1e6)
+    det.update_many(rng.random(300_000) < 0.05)
+    restored = AdaptiveBernoulliCUSUM(0.05, 1e6)
+    restored.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert restored.state_dict() == det.state_dict()
+    xs = rng.random(200_000) < 0.045
+    assert det.update_many(xs) == restored.update_many(xs) >= 0
+    assert det.state_dict() == restored.state_dict()
+    assert det.detected_drops == restored.detected_drops != ()
+    det.reset()
+    assert (det.drift_detected, det.n_seen, det.alarm_at, det.statistic) == (False, 0, None, 0.0)
+
+
+def test_adaptive_block_update_equals_the_recursion_on_extreme_streams() -> None:
+    # All clicks, no clicks and alternating runs at a high rate with drops up to
+    # 99%: the block form must cut its blocks and neither overflow nor drift.
+    det = AdaptiveBernoulliCUSUM(0.9, 1e12, drops=(0.5, 0.99))
+    twin = AdaptiveBernoulliCUSUM(0.9, 1e12, drops=(0.5, 0.99))
+    xs = np.concatenate([np.ones(50_000, dtype=np.int8), np.tile([1, 1, 1, 1, 0], 2_000),
+                         np.ones(3_000, dtype=np.int8), np.zeros(40, dtype=np.int8)])
+    with np.errstate(all="raise"):
+        first = det.update_many(xs)
+    expected = -1
+    for i, x in enumerate(xs.tolist()):
+        twin.update(x)
+        if expected < 0 and twin.drift_detected:
+            expected = i
+    assert first == expected >= 0
+    assert_same_state(det.state_dict(), twin.state_dict())
+
+
+@pytest.mark.parametrize("make", [lambda: BernoulliCUSUM(0.05, 0.045, 1e6),
+                                  lambda: AdaptiveBernoulliCUSUM(0.05, 1e12)])
+def test_update_many_runs_well_under_200_ns_per_event(make: Any) -> None:
     xs = np.random.default_rng(5).random(2_000_000) < 0.05
-    det = BernoulliCUSUM(0.05, 0.045, 1e6)
+    det = make()
     det.update_many(xs[:1000])
-    start = time.perf_counter()
-    det.update_many(xs)
-    per_event = (time.perf_counter() - start) / xs.size
-    assert per_event < 200e-9
+    best = math.inf
+    for _ in range(3):  # best of 3: the machine is shared
+        start = time.perf_counter()
+        det.update_many(xs)
+        best = min(best, (time.perf_counter() - start) / xs.size)
+    assert best < 200e-9
 
 
 # ---------------------------------------------------------------- contract
@@ -301,3 +428,23 @@ def test_bad_events_are_rejected_naming_them() -> None:
 def test_state_of_another_configuration_is_refused() -> None:
     with pytest.raises(ValueError, match="state is for"):
         BernoulliCUSUM(0.05, 0.04).load_state_dict(BernoulliCUSUM(0.05, 0.03).state_dict())
+    adaptive = AdaptiveBernoulliCUSUM(0.05, 1e6)
+    with pytest.raises(ValueError, match="state is for"):
+        adaptive.load_state_dict(AdaptiveBernoulliCUSUM(0.05, 1e6, weights=(1, 2, 1)).state_dict())
+    old_bank_format = {"p0": 0.05, "arl0": 1e6, "drops": [0.05, 0.1, 0.2], "members": []}
+    with pytest.raises(ValueError, match="state is for"):
+        adaptive.load_state_dict(old_bank_format)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"p0": 1.0}, "p0 must be in"),
+    ({"p0": 0.05, "arl0": 1e13}, "arl0 must be in"),
+    ({"p0": 0.05, "drops": ()}, "drops must name at least one"),
+    ({"p0": 0.05, "drops": (0.1, 1.0)}, "each drop must be in"),
+    ({"p0": 0.05, "weights": (1.0, 2.0)}, "weights must be 3 positive numbers"),
+    ({"p0": 0.05, "weights": (1.0, 0.0, 1.0)}, "weights must be 3 positive numbers"),
+])
+def test_bad_adaptive_parameters_are_rejected_naming_them(kwargs: dict[str, Any],
+                                                          message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AdaptiveBernoulliCUSUM(**kwargs)
