@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -32,6 +32,8 @@ class ControlServer:
         ready: returns (ok, reason) for /readyz: it has partitions and a broker.
         status: returns the JSON document for /status.
         registry: the Prometheus registry for /metrics.
+        pages: path prefix -> handler of the rest of the path (``/incidents`` serves
+            the incident reports); returns (status, content type, body).
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class ControlServer:
         ready: Callable[[], tuple[bool, str]],
         status: Callable[[], dict[str, Any]],
         registry: CollectorRegistry,
+        pages: Mapping[str, Callable[[str], tuple[int, str, bytes]]] | None = None,
     ) -> None:
         routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/healthz": lambda: _probe(healthy()),
@@ -51,9 +54,18 @@ class ControlServer:
             "/status": lambda: (200, "application/json", _json.encode(status())),
         }
 
+        prefixes = dict(pages or {})
+
+        def page(path: str) -> Callable[[], tuple[int, str, bytes]] | None:
+            for prefix, handler in prefixes.items():
+                if path == prefix or path.startswith(prefix + "/"):
+                    return lambda: handler(path[len(prefix):])
+            return None
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                route = routes.get(self.path.split("?", 1)[0])
+                path = self.path.split("?", 1)[0]
+                route = routes.get(path) or page(path)
                 if route is None:
                     code, ctype, body = 404, "text/plain", b"not found\n"
                 else:
@@ -64,6 +76,11 @@ class ControlServer:
                         code, ctype, body = 500, "text/plain", b"internal error\n"
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
+                if ctype.startswith("text/html"):
+                    # Reports show producer-supplied strings (escaped); no script may run.
+                    self.send_header("Content-Security-Policy",
+                                     "default-src 'none'; style-src 'unsafe-inline'; img-src data:")
+                    self.send_header("X-Content-Type-Options", "nosniff")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -26,6 +26,7 @@ from pathlib import Path
 __all__ = [
     "IncidentRow",
     "MonitorCommit",
+    "OutboxRow",
     "PositionConflict",
     "PositionUpdate",
     "SegmentRecord",
@@ -98,6 +99,21 @@ CREATE TABLE IF NOT EXISTS incident_events (
     at_ms INTEGER NOT NULL,
     body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS alert_outbox (
+    id TEXT PRIMARY KEY,
+    group_id TEXT NOT NULL,
+    sink TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    delivered_ms INTEGER,
+    gave_up_ms INTEGER,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS alert_outbox_pending ON alert_outbox (group_id, sink, delivered_ms,
+                                                                 gave_up_ms, first_seq);
 """
 
 
@@ -151,6 +167,26 @@ class IncidentRow:
     opened_ms: int
     updated_ms: int
     body: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OutboxRow:
+    """One alert message for one sink (monitor/alerting.py): ``id`` is its idempotency key.
+
+    Pending while neither ``delivered_ms`` nor ``gave_up_ms`` is set; ``first_seq`` (the
+    first incident event it carries) orders a sink's messages.
+    """
+
+    id: str
+    sink: str
+    first_seq: int
+    payload: str
+    created_ms: int
+    attempts: int = 0
+    next_attempt_ms: int = 0
+    delivered_ms: int | None = None
+    gave_up_ms: int | None = None
+    last_error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,3 +429,86 @@ class StateStore:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def incident(self, incident_id: str) -> IncidentRow | None:
+        row = self._db.execute(
+            "SELECT id, fingerprint, status, opened_ms, updated_ms, body FROM incidents "
+            "WHERE group_id = ? AND id = ?", (self.group_id, incident_id)).fetchone()
+        return None if row is None else IncidentRow(*row)
+
+    # -- the alert outbox (monitor/alerting.py, docs/alerts.md) ---------------------------
+
+    def outbox_fill(self, rows: Iterable[OutboxRow], *, cursor_key: str, expected: int | None,
+                    upto: int) -> bool:
+        """Enqueue alert messages and move the incident-log cursor, atomically.
+
+        The cursor (a ``monitor_state`` value) moves by compare-and-set from
+        ``expected``: a second dispatcher on the same store that filled first makes
+        this return False and change nothing. Rows already present (same id) are kept
+        as they are, so filling the same events twice enqueues nothing new.
+        """
+        db = self._db
+        now = int(time.time() * 1000)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT value FROM monitor_state WHERE group_id = ? AND key = ?",
+                             (self.group_id, cursor_key)).fetchone()
+            if (None if row is None else int(row[0])) != expected:
+                db.execute("ROLLBACK")
+                return False
+            db.executemany(
+                "INSERT OR IGNORE INTO alert_outbox (id, group_id, sink, first_seq, payload, "
+                "created_ms, attempts, next_attempt_ms) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                [(r.id, self.group_id, r.sink, r.first_seq, r.payload, r.created_ms,
+                  r.next_attempt_ms) for r in rows])
+            db.execute(
+                "INSERT INTO monitor_state VALUES (?, ?, ?, ?) ON CONFLICT (group_id, key) "
+                "DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
+                (self.group_id, cursor_key, str(upto), now))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return True
+
+    def outbox_pending(self, sink: str, limit: int = 1) -> list[OutboxRow]:
+        """A sink's undelivered messages in order (oldest incident event first)."""
+        return [OutboxRow(*r) for r in self._db.execute(
+            "SELECT id, sink, first_seq, payload, created_ms, attempts, next_attempt_ms, "
+            "delivered_ms, gave_up_ms, last_error FROM alert_outbox WHERE group_id = ? AND "
+            "sink = ? AND delivered_ms IS NULL AND gave_up_ms IS NULL ORDER BY first_seq, id "
+            "LIMIT ?", (self.group_id, sink, limit))]
+
+    def outbox_rows(self, sink: str | None = None) -> list[OutboxRow]:
+        """Every message, delivered or not (for /status, audits and tests)."""
+        sql = ("SELECT id, sink, first_seq, payload, created_ms, attempts, next_attempt_ms, "
+               "delivered_ms, gave_up_ms, last_error FROM alert_outbox WHERE group_id = ?")
+        args: list[object] = [self.group_id]
+        if sink is not None:
+            sql += " AND sink = ?"
+            args.append(sink)
+        return [OutboxRow(*r) for r in self._db.execute(sql + " ORDER BY first_seq, sink", args)]
+
+    def outbox_update(self, message_id: str, *, attempts: int, next_attempt_ms: int | None = None,
+                      delivered_ms: int | None = None, gave_up_ms: int | None = None,
+                      last_error: str | None = None) -> None:
+        """Record one attempt's outcome (a single-row write, durable on return)."""
+        self._db.execute(
+            "UPDATE alert_outbox SET attempts = ?, next_attempt_ms = coalesce(?, next_attempt_ms), "
+            "delivered_ms = coalesce(?, delivered_ms), gave_up_ms = coalesce(?, gave_up_ms), "
+            "last_error = coalesce(?, last_error) WHERE group_id = ? AND id = ?",
+            (attempts, next_attempt_ms, delivered_ms, gave_up_ms, last_error, self.group_id,
+             message_id))
+
+    def outbox_depth(self) -> dict[str, tuple[int, int | None]]:
+        """Pending messages per sink: (count, created_ms of the oldest)."""
+        return {s: (int(n), None if oldest is None else int(oldest)) for s, n, oldest in self._db.execute(
+            "SELECT sink, count(*), min(created_ms) FROM alert_outbox WHERE group_id = ? AND "
+            "delivered_ms IS NULL AND gave_up_ms IS NULL GROUP BY sink", (self.group_id,))}
+
+    def outbox_prune(self, before_ms: int) -> int:
+        """Forget delivered and given-up messages finished before ``before_ms``."""
+        cur = self._db.execute(
+            "DELETE FROM alert_outbox WHERE group_id = ? AND coalesce(delivered_ms, gave_up_ms) < ?",
+            (self.group_id, before_ms))
+        return int(cur.rowcount)

@@ -67,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `kill -USR1 <pid>` prints every thread's stack to stderr: the first thing to
     # look at when a daemon seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    return run_daemon(config)
+    try:
+        return run_daemon(config)
+    except ConfigError as exc:  # settings only checkable when wiring (secrets in the environment)
+        print(f"driftloop: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -100,3 +100,30 @@ class Metrics:
         self.incident_transitions = Counter(
             "driftloop_incident_transitions_total",
             "Incidents opened, escalated and resolved.", ["kind", "transition"], registry=r)
+        # -- alert delivery (monitor/alerting.py, docs/alerts.md) --------------------
+        self.alerts_sent = Counter(
+            "driftloop_alerts_sent_total", "Alert messages a receiver accepted (2xx).", ["sink"],
+            registry=r)
+        self.alert_attempts_failed = Counter(
+            "driftloop_alert_attempts_failed_total",
+            "Delivery attempts that failed, by reason (timeout, network, http_5xx, http_429, ...).",
+            ["sink", "reason"], registry=r)
+        self.alerts_given_up = Counter(
+            "driftloop_alerts_given_up_total",
+            "Alert messages abandoned: age (undelivered past give_up_after), rejected (4xx "
+            "payload errors), stale (older than give_up_after when enqueued), invalid (an "
+            "outbox payload this version cannot read).",
+            ["sink", "reason"], registry=r)
+        self.alerts_rate_limited = Counter(
+            "driftloop_alerts_rate_limited_total",
+            "Times a sink's rate limit held a due message back.", ["sink"], registry=r)
+        self.alert_outbox_depth = Gauge(
+            "driftloop_alert_outbox_depth", "Alert messages waiting for delivery.", ["sink"],
+            registry=r)
+        self.alert_outbox_oldest = Gauge(
+            "driftloop_alert_outbox_oldest_seconds",
+            "Age of the oldest alert message waiting for delivery (0: none).", ["sink"], registry=r)
+        self.alert_delivery_latency = Histogram(
+            "driftloop_alert_delivery_latency_seconds",
+            "From the incident transition's commit to the receiver's 2xx.", ["sink"], registry=r,
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))

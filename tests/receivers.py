@@ -39,6 +39,13 @@ class Answer:
 Script = Callable[[Request], Answer]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client closing its keep-alive connection (httpx does, not reading the body
+        # of an answer it does not trust) is not an error worth a traceback.
+        pass
+
+
 class Receiver:
     """``with Receiver(script) as r: ... r.url ... r.requests``.
 
@@ -79,7 +86,7 @@ class Receiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
