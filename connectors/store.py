@@ -167,6 +167,52 @@ class FeedbackStore:
     def files(self, kind: str) -> list[Path]:
         return sorted((self.root / kind).rglob("*.parquet"))
 
+    def files_between(self, kind: str, start_ms: int, end_ms: int) -> list[Path]:
+        """Published segments of ``kind`` whose window may hold events in ``[start, end)``.
+
+        A segment's name carries its window start, and windows divide an hour
+        (``windows.size_seconds``), so a segment starting an hour before ``start`` is
+        the earliest that can matter. The hour partitions prune the listing itself: a
+        job reading one day of a year-old store lists one day.
+        """
+        hour = 3_600_000
+        first = dt.datetime.fromtimestamp((start_ms - hour) / 1000, tz=dt.UTC)
+        last = dt.datetime.fromtimestamp(end_ms / 1000, tz=dt.UTC)
+        lo, hi = f"hour={first:%Y-%m-%dT%H}", f"hour={last:%Y-%m-%dT%H}"
+        base = self.root / kind
+        if not base.is_dir():
+            return []
+        out = []
+        for part in sorted(p for p in base.iterdir() if p.is_dir() and lo <= p.name <= hi):
+            for f in sorted(part.glob("*.parquet")):
+                try:
+                    w = int(f.name.split("--", 1)[0][1:])
+                except ValueError:
+                    continue  # not a segment of ours
+                if start_ms - hour <= w < end_ms:
+                    out.append(f)
+        return out
+
+    def read_window(self, kind: str, start_ms: int, end_ms: int,
+                    columns: list[str] | None = None) -> pa.Table:
+        """Published rows of ``kind`` with event time in ``[start_ms, end_ms)``.
+
+        What a training job reads (retrain/job.py). Row groups are skipped by their
+        ``ts`` statistics; feature columns are unified across files (a feature that is
+        a number in one file and text in another becomes text).
+        """
+        lo = pa.scalar(start_ms, pa.timestamp("ms", tz="UTC"))
+        hi = pa.scalar(end_ms, pa.timestamp("ms", tz="UTC"))
+        tables = []
+        for f in self.files_between(kind, start_ms, end_ms):
+            t = pq.read_table(f, columns=columns, filters=[("ts", ">=", lo), ("ts", "<", hi)])
+            if t.num_rows:
+                tables.append(t)
+        if not tables:
+            return pa.table({})
+        schema = unified_schema(t.schema for t in tables)
+        return pa.concat_tables([conform(t, schema) for t in tables])
+
     def read(self, kind: str, columns: list[str] | None = None) -> pa.Table:
         """All published rows of one kind, with feature columns unified across files."""
         tables = [pq.read_table(f, columns=columns) for f in self.files(kind)]

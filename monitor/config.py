@@ -247,6 +247,113 @@ class MonitorConfig(_Section):
         return self.primary_label or self.label_types[0]
 
 
+#: Incident kinds a sink's ``kinds`` may name (monitor/incidents.py, docs/monitoring.md).
+ALERT_KINDS = ("feature_drift", "prediction_drift", "data_quality", "performance_drop")
+
+
+class AlertSinkConfig(_Section):
+    """One receiver of alerts (docs/alerts.md)."""
+
+    name: str
+    type: Literal["webhook", "slack", "pagerduty", "alertmanager"]
+    #: Exactly one of url, url_env (a variable holding it), url_file (a file holding
+    #: it). A Slack webhook URL is a credential: url_env or url_file only. PagerDuty
+    #: defaults to the Events API v2 endpoint; Alertmanager takes its base URL.
+    url: str | None = None
+    url_env: str | None = None
+    url_file: str | None = None
+    #: webhook: the Standard Webhooks signing secret (whsec_<base64>); pagerduty: the
+    #: integration's routing key. One of the two for those types, neither for others.
+    secret_env: str | None = None
+    secret_file: str | None = None
+    min_severity: Literal["info", "warning", "critical"] = "warning"
+    #: Incident kinds this sink gets; empty: all.
+    kinds: tuple[str, ...] = ()
+    rate_limit_per_minute: float = 30.0
+    timeout_seconds: float = 10.0
+    #: Plain http to a host that is not loopback (https is the rule).
+    allow_http: bool = False
+    tls_verify: bool = True
+    #: A CA bundle for receivers behind a private CA.
+    ca_file: str | None = None
+    #: alertmanager: firing alerts are re-sent this often (and expire after 4x).
+    resend_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not _INSTANCE_RE.match(self.name):
+            msg = f"name {self.name!r} must match {_INSTANCE_RE.pattern}"
+            raise ValueError(msg)
+        given = [k for k in ("url", "url_env", "url_file") if getattr(self, k)]
+        if len(given) > 1 or (not given and self.type != "pagerduty"):
+            msg = f"sink {self.name!r}: give exactly one of url, url_env, url_file (got {given})"
+            raise ValueError(msg)
+        if self.type == "slack" and self.url:
+            msg = (f"sink {self.name!r}: a Slack webhook URL is a secret; give it with url_env "
+                   "or url_file, not in the config file")
+            raise ValueError(msg)
+        if self.url:
+            from connectors.alerts import validate_url
+
+            try:
+                validate_url(self.url, allow_http=self.allow_http)
+            except ValueError as exc:
+                msg = f"sink {self.name!r}: url {exc}"
+                raise ValueError(msg) from None
+        secrets = [k for k in ("secret_env", "secret_file") if getattr(self, k)]
+        if self.type in ("webhook", "pagerduty") and len(secrets) != 1:
+            what = "signing secret" if self.type == "webhook" else "routing key"
+            msg = (f"sink {self.name!r}: a {self.type} sink needs its {what} in exactly one of "
+                   "secret_env, secret_file")
+            raise ValueError(msg)
+        if self.type not in ("webhook", "pagerduty") and secrets:
+            msg = f"sink {self.name!r}: a {self.type} sink takes no secret_env/secret_file"
+            raise ValueError(msg)
+        unknown = sorted(set(self.kinds) - set(ALERT_KINDS))
+        if unknown:
+            msg = f"sink {self.name!r}: unknown kinds {unknown}; known: {list(ALERT_KINDS)}"
+            raise ValueError(msg)
+        for key in ("rate_limit_per_minute", "timeout_seconds", "resend_seconds"):
+            _positive(f"sink {self.name!r}: {key}", getattr(self, key))
+
+
+class AlertsConfig(_Section):
+    """Alert delivery: sinks, outbox timing, report links (docs/alerts.md)."""
+
+    sinks: tuple[AlertSinkConfig, ...] = ()
+    #: Prefix of the report links in alerts, as on-call reaches the daemon (e.g. through
+    #: an ingress). Defaults to http://<http.host>:<http.port>.
+    base_url: str | None = None
+    #: Transitions of one model committed within this long are one message.
+    group_wait_seconds: float = 5.0
+    #: An alert still undelivered this long after its incident transition is given up
+    #: (recorded in the outbox and counted).
+    give_up_after_seconds: float = 86_400.0
+    backoff_initial_seconds: float = 1.0
+    backoff_max_seconds: float = 300.0
+    poll_seconds: float = 1.0
+    #: Delivered and given-up messages are kept this long for audits.
+    retention_days: float = 7.0
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sinks]
+        if len(set(names)) != len(names):
+            msg = f"alerts.sinks: names must be unique, got {names}"
+            raise ValueError(msg)
+        if "mlflow-reports" in names:
+            msg = ("alerts.sinks: the name 'mlflow-reports' is reserved for the model registry's "
+                   "report archive")
+            raise ValueError(msg)
+        if self.group_wait_seconds < 0:
+            msg = f"alerts.group_wait_seconds must be >= 0, got {self.group_wait_seconds}"
+            raise ValueError(msg)
+        for key in ("give_up_after_seconds", "backoff_initial_seconds", "backoff_max_seconds",
+                    "poll_seconds", "retention_days"):
+            _positive(f"alerts.{key}", getattr(self, key))
+        if self.base_url is not None and not re.match(r"^https?://[^/@\s]+(/\S*)?$", self.base_url):
+            msg = f"alerts.base_url must be an http(s) URL without credentials, got {self.base_url!r}"
+            raise ValueError(msg)
+
+
 class MlflowConfig(_Section):
     """The MLflow tracking server and model registry (docs/mlflow.md)."""
 
@@ -269,6 +376,73 @@ class MlflowConfig(_Section):
             raise ValueError(msg)
 
 
+class KubernetesLaunchConfig(_Section):
+    """Training runs as Kubernetes Jobs (docs/retraining.md)."""
+
+    namespace: str = "driftloop"
+    #: The training image (deploy/Dockerfile's CUDA variant).
+    image: str = "driftloop:cuda"
+    gpus: int = 1
+    service_account: str = "driftloop-trainer"
+
+    def __post_init__(self) -> None:
+        if self.gpus < 0:
+            msg = f"retrain.kubernetes.gpus must be >= 0, got {self.gpus}"
+            raise ValueError(msg)
+
+
+class RetrainConfig(_Section):
+    """When and how to fine-tune (docs/retraining.md has every default's reason)."""
+
+    enabled: bool = False
+    #: Incidents of these kinds trigger a run (when at least min_severity).
+    incident_kinds: tuple[str, ...] = ("performance_drop", "prediction_drift", "feature_drift")
+    min_severity: Literal["info", "warning", "critical"] = "warning"
+    cooldown_seconds: float = 6 * 3600.0
+    #: Matured labelled predictions since the last run's window (or ever) needed to start one.
+    min_fresh_labels: int = 5000
+    max_jobs_per_day: int = 6
+    manual_bypasses_cooldown: bool = True
+    #: The training data: the newest matured stretch of this length.
+    window_seconds: float = 24 * 3600.0
+    budget_seconds: float = 1800.0
+    search_trials: int = 1
+    min_rows: int = 1000
+    #: Hyperparameters for the trainer (docs/trainer.md), e.g. {lr: 0.002}.
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    trainer: str = "retrain.ctr_trainer:CTRTrainer"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    launcher: Literal["local", "torchrun", "kubernetes"] = "local"
+    torchrun_nproc_per_node: int = 1
+    kubernetes: KubernetesLaunchConfig = msgspec.field(default_factory=KubernetesLaunchConfig)
+    #: model name -> crontab expression (UTC), e.g. {ctr: "0 3 * * *"}.
+    schedule: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Where job specs, logs and results go; default <storage.data_dir>/jobs.
+    workdir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.incident_kinds) - set(ALERT_KINDS))
+        if unknown:
+            msg = f"retrain.incident_kinds: unknown kinds {unknown}; known: {list(ALERT_KINDS)}"
+            raise ValueError(msg)
+        if self.cooldown_seconds < 0:
+            msg = f"retrain.cooldown_seconds must be >= 0 (0: no cooldown), got {self.cooldown_seconds}"
+            raise ValueError(msg)
+        for key in ("window_seconds", "budget_seconds"):
+            _positive(f"retrain.{key}", getattr(self, key))
+        if self.min_fresh_labels < 0:
+            msg = f"retrain.min_fresh_labels must be >= 0, got {self.min_fresh_labels}"
+            raise ValueError(msg)
+        for key in ("max_jobs_per_day", "search_trials", "min_rows", "torchrun_nproc_per_node"):
+            if getattr(self, key) < 1:
+                msg = f"retrain.{key} must be >= 1, got {getattr(self, key)}"
+                raise ValueError(msg)
+        if ":" not in self.trainer:
+            msg = f"retrain.trainer must be 'module:Class', got {self.trainer!r}"
+            raise ValueError(msg)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -285,8 +459,14 @@ class Config(_Section):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
     mlflow: MlflowConfig = msgspec.field(default_factory=MlflowConfig)
+    alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
+    retrain: RetrainConfig = msgspec.field(default_factory=RetrainConfig)
 
     def __post_init__(self) -> None:
+        if self.retrain.enabled and not self.mlflow.tracking_uri:
+            msg = ("retrain.enabled needs mlflow.tracking_uri: every training run is logged and "
+                   "registered in MLflow")
+            raise ValueError(msg)
         size = self.windows.size_seconds
         for name, value in (("monitor.attribution_seconds", self.monitor.attribution_seconds),
                             ("monitor.performance.period_seconds",

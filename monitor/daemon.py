@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -31,11 +33,14 @@ from connectors.kafka import (
 )
 from connectors.state import StateStore
 from connectors.store import FeedbackStore, SpillFiles
+from monitor.alerting import AlertDispatcher, build_dispatcher
 from monitor.analysis import Analysis, AnalysisSpec, DirectoryReferences, NotYet, References
-from monitor.config import Config
+from monitor.config import Config, ConfigError
+from monitor.incidents import Incident
 from monitor.ingest import Ingestor
 from monitor.join import JoinSpec
 from monitor.metrics import Metrics
+from monitor.reports import render_index, render_report
 from monitor.windows import WindowSpec
 
 __all__ = ["Daemon"]
@@ -82,7 +87,11 @@ class Daemon:
             metrics=self.metrics, max_message_bytes=k.max_message_bytes)
         self.http = ControlServer(
             config.http.host, config.http.port, healthy=self._healthy, ready=self._readiness,
-            status=self.status, registry=self.metrics.registry)
+            status=self.status, registry=self.metrics.registry,
+            pages={"/incidents": self._incident_page})
+        self._pages_lock = threading.Lock()
+        self._pages_state: StateStore | None = None
+        self.alerting = _alerting(config, self.metrics, self.http.port, self._render_report)
         self.analysis = _analysis(config, self.metrics) if config.monitor.enabled else None
         self._analysis_wakeup = threading.Event()
         self._analysis_thread = threading.Thread(target=self._analyse, name="analysis", daemon=True)
@@ -106,6 +115,8 @@ class Daemon:
         self.http.start()
         if self.analysis is not None:
             self._analysis_thread.start()
+        if self.alerting is not None:
+            self.alerting.start()
         log.info("driftloop started", extra={"fields": {
             "instance": self.config.instance, "group": self.config.kafka.group_id,
             "topics": sorted(self.topics), "http_port": self.http.port}})
@@ -283,6 +294,8 @@ class Daemon:
             except Exception as exc:
                 log.warning("consumer close failed", extra={"fields": {"error": repr(exc)}})
         self.dead_letters.close()
+        if self.alerting is not None:
+            self.alerting.stop()
         self.http.stop()
         self.state.close()
         if self.analysis is not None:
@@ -328,12 +341,78 @@ class Daemon:
             "events_stored": counter_values(self.metrics.events_stored),
             "dead_letters": counter_values(self.metrics.dead_letters),
             "monitor": None if self.analysis is None else self.analysis.status(),
+            "alerts": None if self.alerting is None else self.alerting.status(),
             "incidents": {
                 "firing": [json.loads(r.body) for r in self.state.incidents(status="firing")],
                 "recently_resolved": [json.loads(r.body) for r in
                                       self.state.incidents(status="resolved", limit=20)],
             },
         }
+
+
+    def _render_report(self, incident_id: str) -> str | None:
+        """One incident's report as HTML (what the alert links to and the archive keeps)."""
+        with self._pages_lock:
+            state = self._pages_store()
+            row = state.incident(incident_id)
+            if row is None:
+                return None
+            inc = Incident.from_json(row.body)
+            related = [Incident.from_json(r.body) for r in state.incidents(limit=500)]
+        return render_report(inc, related=related, source=self.config.kafka.group_id,
+                             generated_ms=int(time.time() * 1000))
+
+    def _pages_store(self) -> StateStore:
+        if self._pages_state is None:
+            # Its own connection: this runs on the HTTP server's and the sinks' threads.
+            self._pages_state = StateStore(self.config.storage.state_path,
+                                           group_id=self.config.kafka.group_id,
+                                           instance=self.config.instance)
+        return self._pages_state
+
+    def _incident_page(self, rest: str) -> tuple[int, str, bytes]:
+        """``/incidents`` (a list) and ``/incidents/<id>`` (the report an alert links to)."""
+        import urllib.parse
+
+        incident_id = urllib.parse.unquote(rest.lstrip("/"))
+        if not incident_id:
+            with self._pages_lock:
+                rows = self._pages_store().incidents(limit=200)
+            html = render_index([Incident.from_json(r.body) for r in rows])
+            return 200, "text/html; charset=utf-8", html.encode()
+        report = self._render_report(incident_id)
+        if report is None:
+            return 404, "text/plain", b"no such incident\n"
+        return 200, "text/html; charset=utf-8", report.encode()
+
+
+def _alerting(config: Config, metrics: Metrics, http_port: int,
+              render: Callable[[str], str | None]) -> AlertDispatcher | None:
+    """Alert delivery runs where the analysis runs (the replica that decides), and only
+    when sinks or a model registry (which keeps the reports) are configured
+    (docs/alerts.md)."""
+    if not config.monitor.enabled or not (config.alerts.sinks or config.mlflow.tracking_uri):
+        return None
+    host = config.http.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+    elif ":" in host:  # an IPv6 literal needs brackets in a URL
+        host = f"[{host}]"
+    base_url = config.alerts.base_url or f"http://{host}:{http_port}"
+    try:
+        archive = None
+        if config.mlflow.tracking_uri:
+            from connectors.registry import MlflowReportArchive, ModelRegistry
+
+            archive = MlflowReportArchive(ModelRegistry(
+                config.mlflow.tracking_uri, timeout_s=config.mlflow.request_timeout_seconds,
+                max_retries=config.mlflow.max_retries))
+        return build_dispatcher(config.alerts, source=config.kafka.group_id,
+                                state_path=config.storage.state_path, metrics=metrics,
+                                environ=os.environ, base_url=base_url, archive=archive,
+                                render=render)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _references(config: Config) -> References | None:

@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 CORES = ["monitor/profile.py", "monitor/drift.py", "monitor/performance.py",
          "monitor/sequential.py", "monitor/incidents.py", "monitor/join.py",
          "monitor/labels.py", "monitor/windows.py"]
+#: Composition roots may wire everything (STYLE.md section 2): the training job's entry
+#: point builds the new version's reference with the monitor's profile code.
+COMPOSITION_ROOTS = {"retrain/job.py"}
 IO_MODULES = {"connectors", "kafka", "sqlite3", "socket", "http", "urllib", "httpx", "requests",
               "mlflow", "subprocess", "time", "datetime", "pyarrow.parquet", "pyarrow.ipc"}
 
@@ -42,7 +45,8 @@ def _top(name: str) -> str:
 ])
 def test_dependencies_point_one_way(package: str, forbidden: set[str]) -> None:
     bad = {str(p.relative_to(REPO)): sorted(n for n in _imports(p) if _top(n) in forbidden)
-           for p in (REPO / package).rglob("*.py")}
+           for p in (REPO / package).rglob("*.py")
+           if str(p.relative_to(REPO)) not in COMPOSITION_ROOTS}
     assert not {k: v for k, v in bad.items() if v}
 
 

@@ -14,7 +14,13 @@ import pytest
 from mlflow import MlflowClient
 
 from connectors.mlflow_local import LocalMlflow
-from connectors.registry import REFERENCE_PATH, REFERENCE_TAG, ModelRegistry, RegistryError
+from connectors.registry import (
+    REFERENCE_PATH,
+    REFERENCE_TAG,
+    MlflowReportArchive,
+    ModelRegistry,
+    RegistryError,
+)
 from tests.mlflow_fixtures import unique_model_name
 
 
@@ -74,6 +80,23 @@ def test_aliases_artifacts_and_references_round_trip(mlflow_server: str) -> None
     registry.log_reference(model, v1, '{"v": 2}')  # a newer reference replaces the old
     assert registry.reference_json(model, v1) == '{"v": 2}'
     assert registry.reference_json(model, v2) is None  # each version has its own
+
+
+def test_incident_reports_are_kept_with_the_model_version(mlflow_server: str) -> None:
+    model = unique_model_name("ctr")
+    v1 = register_version(mlflow_server, model)
+    registry = ModelRegistry(mlflow_server)
+    archive = MlflowReportArchive(registry)
+    incident = "feature_drift/ctr/f.age@1700000060000"
+    archive.archive(incident_id=incident, model=model, version=v1, transition="firing",
+                    html="<html>report</html>")
+    safe = "feature_drift_ctr_f.age_1700000060000"
+    assert registry.download_artifact(model, v1, f"incidents/{safe}/firing.html") == b"<html>report</html>"
+    assert registry.version_tags(model, v1)[f"driftloop.incident.{safe}"] == (
+        f"firing: incidents/{safe}/firing.html")
+    # Nothing to attach to: no version, or a version this registry does not hold.
+    archive.archive(incident_id=incident, model=model, version=None, transition="firing", html="x")
+    assert registry.log_incident_report(model, "99", incident, "firing", "x") is None
 
 
 def test_a_reference_logged_by_the_training_run_itself_is_found_without_the_tag(

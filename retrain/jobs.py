@@ -1,0 +1,556 @@
+"""The job tracker: starts training jobs, watches them, times them out, survives restarts.
+
+The daemon runs one :class:`JobTracker` (docs/retraining.md). :meth:`JobTracker.start`
+writes the spec where the job will read it, launches it and persists what is needed
+to find it again; :meth:`JobTracker.poll`, called every few seconds, polls every
+unfinished job, cancels one that overran its budget, and turns each job that ended
+into exactly one :class:`JobEvent` (the daemon raises an incident for a failure).
+
+What is persisted is the truth, not what is in memory: a job's final state is
+written once, by compare-and-set from an unfinished state, and events are read back
+from the store and marked reported in the same transaction. So a daemon that
+crashes between a job's end and its report reports it after the restart, and two
+trackers on one store never report a job twice. After a restart,
+:meth:`JobTracker.resume` re-attaches every unfinished job through the launcher;
+one that cannot be found any more is ``lost`` (a failure too: nobody knows what it
+did).
+
+:class:`SqliteJobStore` keeps the jobs and the policy's decisions. It lives here, not
+in connectors/state.py (being reworked), and is self-contained so it can move there;
+it follows the state store's conventions: WAL, ``BEGIN IMMEDIATE`` transactions,
+rows scoped by ``group_id``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from retrain.launch import FINAL_STATES, JOB_STATES, JobHandle, JobStatus, Launcher, log_tail
+from retrain.policy import Decision
+from retrain.spec import JobSpec, Trigger
+
+__all__ = ["DecisionRow", "JobEvent", "JobRecord", "JobStore", "JobTracker", "SqliteJobStore"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRecord:
+    """One job as persisted.
+
+    Args:
+        job_id, model: from the spec.
+        state: one of :data:`retrain.launch.JOB_STATES`.
+        spec: what was run.
+        handle: the launcher's record (None until the launch returned).
+        started_ms: when the tracker started it (its clock); the budget counts from here.
+        finished_ms, reason, exit_code, result: once it ended.
+    """
+
+    job_id: str
+    model: str
+    state: str
+    spec: JobSpec
+    handle: Mapping[str, Any] | None
+    started_ms: int
+    finished_ms: int | None = None
+    reason: str = ""
+    exit_code: int | None = None
+    result: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.state not in JOB_STATES:
+            msg = f"job {self.job_id}: state must be one of {JOB_STATES}, got {self.state!r}"
+            raise ValueError(msg)
+        if self.job_id != self.spec.job_id or self.model != self.spec.model:
+            msg = (f"job record {self.job_id}/{self.model} does not match its spec "
+                   f"{self.spec.job_id}/{self.spec.model}")
+            raise ValueError(msg)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@dataclasses.dataclass(frozen=True)
+class JobEvent:
+    """A job that ended, reported once: what the daemon turns into an incident or a log line."""
+
+    job_id: str
+    model: str
+    state: str
+    reason: str
+    started_ms: int
+    finished_ms: int | None
+    exit_code: int | None
+    result: Mapping[str, Any] | None
+    trigger: Trigger
+
+    @property
+    def failed(self) -> bool:
+        """Anything but success: failed, timed out and lost all need a person to look."""
+        return self.state != "succeeded"
+
+    @classmethod
+    def of(cls, r: JobRecord) -> JobEvent:
+        return cls(job_id=r.job_id, model=r.model, state=r.state, reason=r.reason,
+                   started_ms=r.started_ms, finished_ms=r.finished_ms, exit_code=r.exit_code,
+                   result=r.result, trigger=r.spec.trigger)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionRow:
+    """A stored policy decision: its row id, the decision and the job it started, if any."""
+
+    id: int
+    decision: Decision
+    job_id: str | None
+
+
+class JobStore(Protocol):
+    """The persistence the tracker needs (implemented by :class:`SqliteJobStore`)."""
+
+    def insert(self, record: JobRecord) -> None:
+        """Add a new job; ValueError when its id exists."""
+        ...
+
+    def update(self, job_id: str, *, state: str, handle: Mapping[str, Any] | None = None) -> None:
+        """Move an unfinished job to ``state`` (pending or running), setting its handle if given."""
+        ...
+
+    def finish(self, job_id: str, *, state: str, finished_ms: int, reason: str,
+               exit_code: int | None = None, result: Mapping[str, Any] | None = None) -> bool:
+        """Record the final state, only if the job is unfinished; True when this call did."""
+        ...
+
+    def take_unreported(self) -> list[JobRecord]:
+        """Finished jobs not yet reported, oldest first, marked reported atomically."""
+        ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def active(self) -> list[JobRecord]:
+        """Unfinished (pending or running) jobs, oldest first."""
+        ...
+
+    def jobs(self, *, model: str | None = None, since_ms: int | None = None,
+             limit: int | None = None) -> list[JobRecord]:
+        """Jobs started at or after ``since_ms``, newest first."""
+        ...
+
+    def last_started_ms(self, model: str) -> int | None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS retrain_jobs (
+    job_id TEXT PRIMARY KEY,
+    group_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    handle TEXT,
+    started_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    reason TEXT NOT NULL DEFAULT '',
+    exit_code INTEGER,
+    result TEXT,
+    reported INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS retrain_jobs_state ON retrain_jobs (group_id, state);
+CREATE INDEX IF NOT EXISTS retrain_jobs_model ON retrain_jobs (group_id, model, started_ms);
+CREATE TABLE IF NOT EXISTS retrain_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    launch INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    job_id TEXT
+);
+CREATE INDEX IF NOT EXISTS retrain_decisions_at ON retrain_decisions (group_id, at_ms);
+"""
+
+_COLUMNS = "job_id, model, state, spec, handle, started_ms, finished_ms, reason, exit_code, result"
+_UNFINISHED = ("pending", "running")
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _dumps(value: Mapping[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(dict(value), sort_keys=True, default=str)
+
+
+class SqliteJobStore:
+    """Jobs and decisions in SQLite (the state store's file, or one of their own).
+
+    Args:
+        path: the database file; created with its tables when missing.
+        group_id: the daemon deployment these jobs belong to (the Kafka consumer group):
+            two deployments sharing a file never see each other's jobs.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> s = SqliteJobStore(pathlib.Path(tempfile.mkdtemp()) / "jobs.db")
+        >>> s.active()
+        []
+    """
+
+    def __init__(self, path: Path, *, group_id: str = "driftloop") -> None:
+        self.path = Path(path)
+        self.group_id = group_id
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are ours (BEGIN IMMEDIATE takes the write
+        # lock up front, so two processes never deadlock upgrading read locks).
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
+                                   check_same_thread=False)
+        # FULL: a finished job that returned is on disk even across a power loss.
+        self._db.execute("PRAGMA synchronous=FULL")
+        # Switching a fresh file to WAL takes a lock that ignores the busy timeout; two
+        # processes opening it together see "database is locked" (connectors/state.py).
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def _record(self, row: tuple[Any, ...]) -> JobRecord:
+        job_id, model, state, spec, handle, started, finished, reason, exit_code, result = row
+        return JobRecord(job_id=job_id, model=model, state=state, spec=JobSpec.from_json(spec),
+                         handle=_loads(handle), started_ms=int(started),
+                         finished_ms=None if finished is None else int(finished), reason=reason,
+                         exit_code=exit_code, result=_loads(result))
+
+    def insert(self, record: JobRecord) -> None:
+        try:
+            self._db.execute(
+                "INSERT INTO retrain_jobs (job_id, group_id, model, state, spec, handle, started_ms, "
+                "finished_ms, reason, exit_code, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.job_id, self.group_id, record.model, record.state, record.spec.to_json(),
+                 _dumps(record.handle), record.started_ms, record.finished_ms, record.reason,
+                 record.exit_code, _dumps(record.result)))
+        except sqlite3.IntegrityError:
+            msg = f"job {record.job_id!r} already exists"
+            raise ValueError(msg) from None
+
+    def update(self, job_id: str, *, state: str, handle: Mapping[str, Any] | None = None) -> None:
+        if state not in _UNFINISHED:
+            msg = f"update moves a job to pending or running, got {state!r}: use finish()"
+            raise ValueError(msg)
+        self._db.execute(
+            "UPDATE retrain_jobs SET state = ?, handle = coalesce(?, handle) WHERE group_id = ? "
+            "AND job_id = ? AND state IN ('pending', 'running')",
+            (state, _dumps(handle), self.group_id, job_id))
+
+    def finish(self, job_id: str, *, state: str, finished_ms: int, reason: str,
+               exit_code: int | None = None, result: Mapping[str, Any] | None = None) -> bool:
+        if state not in FINAL_STATES:
+            msg = f"finish needs a final state ({sorted(FINAL_STATES)}), got {state!r}"
+            raise ValueError(msg)
+        # Compare-and-set from an unfinished state: the first writer wins, so a final
+        # state is written once however many pollers saw the job end.
+        cur = self._db.execute(
+            "UPDATE retrain_jobs SET state = ?, finished_ms = ?, reason = ?, exit_code = ?, result = ? "
+            "WHERE group_id = ? AND job_id = ? AND state IN ('pending', 'running')",
+            (state, finished_ms, reason, exit_code, _dumps(result), self.group_id, job_id))
+        return cur.rowcount == 1
+
+    def take_unreported(self) -> list[JobRecord]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM retrain_jobs WHERE group_id = ? AND reported = 0 AND "
+                "state NOT IN ('pending', 'running') ORDER BY finished_ms, job_id",
+                (self.group_id,)).fetchall()
+            db.executemany("UPDATE retrain_jobs SET reported = 1 WHERE job_id = ?",
+                           [(r[0],) for r in rows])
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return [self._record(r) for r in rows]
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM retrain_jobs WHERE group_id = ? AND job_id = ?",
+                               (self.group_id, job_id)).fetchone()
+        return None if row is None else self._record(row)
+
+    def active(self) -> list[JobRecord]:
+        return [self._record(r) for r in self._db.execute(
+            f"SELECT {_COLUMNS} FROM retrain_jobs WHERE group_id = ? AND state IN ('pending', 'running') "
+            "ORDER BY started_ms, job_id", (self.group_id,))]
+
+    def jobs(self, *, model: str | None = None, since_ms: int | None = None,
+             limit: int | None = None) -> list[JobRecord]:
+        sql = f"SELECT {_COLUMNS} FROM retrain_jobs WHERE group_id = ?"
+        args: list[object] = [self.group_id]
+        if model is not None:
+            sql += " AND model = ?"
+            args.append(model)
+        if since_ms is not None:
+            sql += " AND started_ms >= ?"
+            args.append(since_ms)
+        sql += " ORDER BY started_ms DESC, job_id DESC LIMIT ?"
+        args.append(-1 if limit is None else limit)
+        return [self._record(r) for r in self._db.execute(sql, args)]
+
+    def last_started_ms(self, model: str) -> int | None:
+        row = self._db.execute("SELECT max(started_ms) FROM retrain_jobs WHERE group_id = ? AND model = ?",
+                               (self.group_id, model)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    # -- decisions -------------------------------------------------------------------------
+
+    def record_decision(self, decision: Decision, *, job_id: str | None = None) -> int:
+        """Keep one policy decision, "no" included, for /status and audits; returns its id."""
+        cur = self._db.execute(
+            "INSERT INTO retrain_decisions (group_id, at_ms, model, launch, code, reason, trigger, job_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.group_id, decision.at_ms, decision.trigger.model, int(decision.launch), decision.code,
+             decision.reason, json.dumps(decision.trigger.to_dict(), sort_keys=True), job_id))
+        return int(cur.lastrowid or 0)
+
+    def decisions(self, limit: int = 100, *, model: str | None = None) -> list[DecisionRow]:
+        """The latest decisions, newest first."""
+        sql = ("SELECT id, at_ms, launch, code, reason, trigger, job_id FROM retrain_decisions "
+               "WHERE group_id = ?")
+        args: list[object] = [self.group_id]
+        if model is not None:
+            sql += " AND model = ?"
+            args.append(model)
+        sql += " ORDER BY at_ms DESC, id DESC LIMIT ?"
+        args.append(limit)
+        return [DecisionRow(id=int(i), job_id=job_id, decision=Decision(
+            launch=bool(launch), code=code, reason=reason, at_ms=int(at),
+            trigger=Trigger.from_dict(json.loads(trigger))))
+            for i, at, launch, code, reason, trigger, job_id in self._db.execute(sql, args)]
+
+    def prune_decisions(self, before_ms: int) -> int:
+        """Forget decisions older than ``before_ms`` (an incident storm writes one per window)."""
+        cur = self._db.execute("DELETE FROM retrain_decisions WHERE group_id = ? AND at_ms < ?",
+                               (self.group_id, before_ms))
+        return int(cur.rowcount)
+
+
+class _Unattachable:
+    """Stands in for a handle the launcher could not re-attach: it polls as lost."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        self._job_id = job_id
+        self._reason = reason
+
+    @property
+    def job_id(self) -> str:
+        return self._job_id
+
+    def poll(self) -> JobStatus:
+        return JobStatus(state="lost", reason=self._reason)
+
+    def cancel(self, reason: str) -> None:
+        return None
+
+    def record(self) -> dict[str, Any]:
+        return {}
+
+
+class JobTracker:
+    """Starts, watches and times out training jobs; one per daemon, used from one thread.
+
+    Args:
+        store: where jobs are persisted.
+        launcher: how they run.
+        workdir: a directory per job (``<job_id>/spec.json``, ``job.log``,
+            ``result.json``); on shared storage when the launcher runs jobs elsewhere.
+        clock: seconds since the epoch (``time.time``; tests pass a fake).
+        timeout_margin_s: a job is cancelled ``budget_s + timeout_margin_s`` after it
+            started. The job watches its own budget (it stops training at 80 % of it to
+            leave time to register); the margin is for it to finish that cleanly.
+
+    Example:
+        >>> import tempfile, pathlib, time
+        >>> from retrain.launch import LocalLauncher
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> t = JobTracker(SqliteJobStore(d / "jobs.db"), LocalLauncher(), workdir=d, clock=time.time)
+        >>> t.poll(), t.running("ctr"), t.jobs_since(0)
+        ([], 0, (0, 0.0))
+    """
+
+    def __init__(self, store: JobStore, launcher: Launcher, *, workdir: Path,
+                 clock: Callable[[], float], timeout_margin_s: float = 60.0) -> None:
+        if timeout_margin_s < 0:
+            msg = f"timeout_margin_s must be >= 0, got {timeout_margin_s}"
+            raise ValueError(msg)
+        self.store = store
+        self.launcher = launcher
+        self.workdir = Path(workdir)
+        self.clock = clock
+        self.timeout_margin_s = timeout_margin_s
+        self._handles: dict[str, JobHandle] = {}
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.workdir / job_id
+
+    def start(self, spec: JobSpec) -> JobRecord:
+        """Write the spec, launch the job, persist it; returns the record.
+
+        The record is persisted (pending) before the launch, so a daemon that dies
+        during the launch leaves a trace that :meth:`resume` reports as lost instead of
+        a job nobody knows about. A launch that fails makes the job ``failed`` at once
+        (reported by the next :meth:`poll`, like any failure); it still counts as a
+        start for the cooldown and the budget, which keeps a broken launcher from
+        being retried on every trigger.
+
+        Raises:
+            ValueError: a job with this id exists.
+        """
+        if self.store.get(spec.job_id) is not None:
+            msg = f"job {spec.job_id!r} already exists"
+            raise ValueError(msg)
+        job_dir = self.job_dir(spec.job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = job_dir / "spec.json"
+        tmp = spec_path.with_name("spec.json.tmp")
+        tmp.write_text(spec.to_json())
+        os.replace(tmp, spec_path)
+        log_path = job_dir / "job.log"
+        record = JobRecord(job_id=spec.job_id, model=spec.model, state="pending", spec=spec,
+                           handle=None, started_ms=self._now_ms())
+        self.store.insert(record)
+        try:
+            handle = self.launcher.launch(spec, spec_path, log_path)
+        except Exception as exc:
+            reason = f"launch failed: {exc}"
+            log.error("job launch failed", extra={"fields": {"job_id": spec.job_id, "error": str(exc)}})
+            now = self._now_ms()
+            self.store.finish(spec.job_id, state="failed", finished_ms=now, reason=reason)
+            return dataclasses.replace(record, state="failed", reason=reason, finished_ms=now)
+        self._handles[spec.job_id] = handle
+        self.store.update(spec.job_id, state="running", handle=handle.record())
+        log.info("job launched", extra={"fields": {"job_id": spec.job_id, "model": spec.model,
+                                                   "trigger": spec.trigger.kind}})
+        return dataclasses.replace(record, state="running", handle=handle.record())
+
+    def _handle(self, record: JobRecord) -> JobHandle:
+        handle = self._handles.get(record.job_id)
+        if handle is None:
+            if record.handle is None:
+                handle = _Unattachable(record.job_id, "the daemon stopped while launching the job; "
+                                                      "nothing was recorded to find it by")
+            else:
+                try:
+                    handle = self.launcher.attach(record.job_id, record.handle)
+                except (LookupError, ValueError) as exc:
+                    handle = _Unattachable(record.job_id, f"cannot re-attach: {exc}")
+            self._handles[record.job_id] = handle
+        return handle
+
+    def resume(self) -> list[JobRecord]:
+        """Re-attach every unfinished job (call once after the daemon starts); returns them.
+
+        Attaching only rebuilds handles; whether each job still runs, ended while the
+        daemon was away, or is lost is found by the next :meth:`poll`.
+        """
+        active = self.store.active()
+        for record in active:
+            self._handle(record)
+        if active:
+            log.info("jobs re-attached", extra={"fields": {"jobs": [r.job_id for r in active]}})
+        return active
+
+    def poll(self) -> list[JobEvent]:
+        """Poll every unfinished job; return the jobs that ended since the last call, once each."""
+        for record in self.store.active():
+            handle = self._handle(record)
+            try:
+                status = handle.poll()
+            except Exception as exc:
+                # A transient failure (the cluster API away): try again next time. The
+                # timeout still applies once polling works again.
+                log.warning("cannot poll job", extra={"fields": {"job_id": record.job_id,
+                                                                 "error": repr(exc)}})
+                continue
+            now = self._now_ms()
+            if status.finished:
+                self._finish(record, status.state, status.reason, now, status)
+                continue
+            limit_s = record.spec.budget_s + self.timeout_margin_s
+            elapsed_s = (now - record.started_ms) / 1000
+            if elapsed_s >= limit_s:
+                reason = (f"ran {elapsed_s:.0f} s, past its budget of {record.spec.budget_s:g} s + "
+                          f"{self.timeout_margin_s:g} s margin: cancelled")
+                try:
+                    handle.cancel(reason)
+                except Exception as exc:
+                    # Not marked timed out while it may still hold the GPU: the policy
+                    # would start another job beside it.
+                    log.error("cannot cancel job past its budget", extra={"fields": {
+                        "job_id": record.job_id, "error": repr(exc)}})
+                    continue
+                tail = log_tail(self.job_dir(record.job_id) / "job.log")
+                self._finish(record, "timed_out", f"{reason}; log tail:\n{tail}" if tail else reason,
+                             self._now_ms(), status)
+                continue
+            if status.state != record.state:
+                self.store.update(record.job_id, state=status.state)
+        return [JobEvent.of(r) for r in self.store.take_unreported()]
+
+    def _finish(self, record: JobRecord, state: str, reason: str, now: int, status: JobStatus) -> None:
+        self._handles.pop(record.job_id, None)
+        if self.store.finish(record.job_id, state=state, finished_ms=now, reason=reason,
+                             exit_code=status.exit_code, result=status.result):
+            level = logging.INFO if state == "succeeded" else logging.WARNING
+            log.log(level, "job finished", extra={"fields": {"job_id": record.job_id, "state": state,
+                                                             "reason": reason.splitlines()[0]}})
+
+    def cancel(self, job_id: str, reason: str) -> bool:
+        """Stop a job at a person's request; it ends ``failed``. False if it was not running."""
+        record = self.store.get(job_id)
+        if record is None or record.finished:
+            return False
+        self._handle(record).cancel(reason)
+        self._finish(record, "failed", f"cancelled: {reason}", self._now_ms(), JobStatus(state="failed"))
+        return True
+
+    def running(self, model: str) -> int:
+        """Unfinished (pending or running) jobs of ``model``: the policy's ``running``."""
+        return sum(1 for r in self.store.active() if r.model == model)
+
+    def last_started_ms(self, model: str) -> int | None:
+        """When the model's latest job started, whatever became of it (the cooldown's anchor)."""
+        return self.store.last_started_ms(model)
+
+    def jobs_since(self, since_ms: int, *, model: str | None = None) -> tuple[int, float]:
+        """Jobs started at or after ``since_ms`` and their wall time in seconds (running: so far).
+
+        The policy's budget inputs; ``model`` None counts every model, the shared GPU pool.
+        """
+        now = self._now_ms()
+        jobs = self.store.jobs(model=model, since_ms=since_ms)
+        seconds = sum(max(0, (r.finished_ms if r.finished_ms is not None else now) - r.started_ms)
+                      for r in jobs) / 1000
+        return len(jobs), float(seconds)
