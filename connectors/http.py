@@ -20,6 +20,7 @@ __all__ = ["ControlServer"]
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder(enc_hook=str)
+_decode = msgspec.json.Decoder()
 
 
 class ControlServer:
@@ -34,6 +35,9 @@ class ControlServer:
         registry: the Prometheus registry for /metrics.
         pages: path prefix -> handler of the rest of the path (``/incidents`` serves
             the incident reports); returns (status, content type, body).
+        actions: POST path -> handler of the JSON body (a dict); returns (status, JSON
+            document). ``/retrain`` asks for a training run. Bodies over 64 KiB, and
+            bodies that are not a JSON object, are refused with 400 before a handler runs.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class ControlServer:
         status: Callable[[], dict[str, Any]],
         registry: CollectorRegistry,
         pages: Mapping[str, Callable[[str], tuple[int, str, bytes]]] | None = None,
+        actions: Mapping[str, Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]] | None = None,
     ) -> None:
         routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/healthz": lambda: _probe(healthy()),
@@ -55,6 +60,7 @@ class ControlServer:
         }
 
         prefixes = dict(pages or {})
+        posts = dict(actions or {})
 
         def page(path: str) -> Callable[[], tuple[int, str, bytes]] | None:
             for prefix, handler in prefixes.items():
@@ -84,6 +90,34 @@ class ControlServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                path = self.path.split("?", 1)[0]
+                action = posts.get(path)
+                length = int(self.headers.get("Content-Length") or 0)
+                if action is None:
+                    code, doc = 404, {"error": "not found"}
+                elif length > 65_536:
+                    code, doc = 400, {"error": "body too large"}
+                else:
+                    try:
+                        body = _decode.decode(self.rfile.read(length) or b"{}")
+                    except Exception:
+                        body = None
+                    if not isinstance(body, dict):
+                        code, doc = 400, {"error": "the body must be a JSON object"}
+                    else:
+                        try:
+                            code, doc = action(body)
+                        except Exception:
+                            log.exception("HTTP action failed", extra={"fields": {"path": path}})
+                            code, doc = 500, {"error": "internal error"}
+                out = _json.encode(doc)
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # probes every few seconds would drown the structured log

@@ -32,8 +32,9 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,7 +46,7 @@ import pyarrow.parquet as pq
 
 from connectors.state import IncidentRow, MonitorCommit, StateStore
 from monitor.drift import DriftDecider, DriftSpec, compare
-from monitor.incidents import Incident, IncidentBook, Severity, Signal, Transition
+from monitor.incidents import Incident, IncidentBook, Outcome, Severity, Signal, Transition
 from monitor.join import FeedbackIndex, JoinSpec, dedupe_predictions, matured_upto
 from monitor.labels import LabelSummary
 from monitor.metrics import Metrics
@@ -189,7 +190,24 @@ class Analysis:
         self._versions: dict[str, _Version] = {}
         self.last_error: str | None = None
         self._stall_checked_upto = -1
+        self._submitted: list[tuple[list[Signal], list[tuple[str, int, dict[str, Any]]]]] = []
+        self._submit_lock = threading.Lock()
         self._refresh_incident_gauge()
+
+    def submit(self, signals: Sequence[Signal] = (),
+               resolve: Sequence[tuple[str, int, dict[str, Any]]] = ()) -> None:
+        """Evidence from outside the windows (the retraining controller's failed jobs),
+        committed by the next `step` on the analysis thread: the incident book has one
+        writer. ``resolve`` holds (fingerprint, at_ms, evidence) of incidents that ended."""
+        with self._submit_lock:
+            self._submitted.append((list(signals), list(resolve)))
+
+    def _commit_submitted(self) -> None:
+        with self._submit_lock:
+            pending, self._submitted = self._submitted, []
+        for signals, resolve in pending:
+            outcomes = [self.book.resolve(fp, at, ev) for fp, at, ev in resolve]
+            self._commit({}, signals, extra=outcomes)
 
     # -- progress --------------------------------------------------------------------
 
@@ -205,6 +223,7 @@ class Analysis:
         """
         deadline = time.monotonic() + budget_s
         done = 0
+        self._commit_submitted()
         pred_closed = self.state.closed_upto(self.pred_topic)
         if pred_closed is None:
             return 0
@@ -504,8 +523,11 @@ class Analysis:
 
     # -- incidents and persistence -------------------------------------------------------
 
-    def _commit(self, values: dict[str, str], signals: list[Signal]) -> None:
+    def _commit(self, values: dict[str, str], signals: list[Signal],
+                extra: Sequence[Outcome] = ()) -> None:
         outcome = self.book.observe(_merge_by_fingerprint(signals))
+        for o in extra:
+            outcome = Outcome([*outcome.transitions, *o.transitions], [*outcome.touched, *o.touched])
         rows = tuple(IncidentRow(i.id, i.fingerprint, i.status, i.opened_ms, i.updated_ms,
                                  i.to_json()) for i in outcome.touched)
         events = tuple((t.incident.id, t.transition, t.incident.to_json())

@@ -31,7 +31,19 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", "-c", help="YAML config file")
     check = sub.add_parser("check-config", help="validate the config and print it resolved")
     check.add_argument("--config", "-c", help="YAML config file")
+    retrain = sub.add_parser("retrain", help="ask the running daemon to fine-tune MODEL now")
+    retrain.add_argument("model", help="the registered model name")
+    retrain.add_argument("--reason", default="asked by a person", help="why (kept with the decision)")
+    retrain.add_argument("--who", default=None, help="who asks (default: $USER)")
+    retrain.add_argument("--config", "-c", help="YAML config file")
     return parser
+
+
+def _daemon_url(config: Config, path: str) -> str:
+    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.http.port}{path}"
 
 
 def _load(path: str | None) -> Config:
@@ -50,9 +62,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(msgspec.json.format(msgspec.json.encode(config)).decode())
         return 0
+    if args.command == "retrain":
+        import getpass
+
+        url = _daemon_url(config, "/retrain")
+        body = json.dumps({"model": args.model, "reason": args.reason,
+                           "who": args.who or getpass.getuser()}).encode()
+        req = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                print(json.dumps(json.load(resp), indent=2))
+        except urllib.error.HTTPError as exc:
+            print(f"driftloop: the daemon refused: {exc.code} {exc.read().decode(errors='replace')}",
+                  file=sys.stderr)
+            return 1
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"driftloop: no daemon answering at {url}: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "status":
-        host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
-        url = f"http://{host}:{config.http.port}/status"
+        url = _daemon_url(config, "/status")
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 print(json.dumps(json.load(resp), indent=2))

@@ -248,7 +248,8 @@ class MonitorConfig(_Section):
 
 
 #: Incident kinds a sink's ``kinds`` may name (monitor/incidents.py, docs/monitoring.md).
-ALERT_KINDS = ("feature_drift", "prediction_drift", "data_quality", "performance_drop")
+ALERT_KINDS = ("feature_drift", "prediction_drift", "data_quality", "performance_drop",
+               "training_failed")
 
 
 class AlertSinkConfig(_Section):
@@ -422,9 +423,10 @@ class RetrainConfig(_Section):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.incident_kinds) - set(ALERT_KINDS))
+        triggers = [k for k in ALERT_KINDS if k != "training_failed"]  # never retrain on itself
+        unknown = sorted(set(self.incident_kinds) - set(triggers))
         if unknown:
-            msg = f"retrain.incident_kinds: unknown kinds {unknown}; known: {list(ALERT_KINDS)}"
+            msg = f"retrain.incident_kinds: unknown kinds {unknown}; known: {triggers}"
             raise ValueError(msg)
         if self.cooldown_seconds < 0:
             msg = f"retrain.cooldown_seconds must be >= 0 (0: no cooldown), got {self.cooldown_seconds}"

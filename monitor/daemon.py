@@ -41,6 +41,7 @@ from monitor.ingest import Ingestor
 from monitor.join import JoinSpec
 from monitor.metrics import Metrics
 from monitor.reports import render_index, render_report
+from monitor.retraining import RetrainController
 from monitor.windows import WindowSpec
 
 __all__ = ["Daemon"]
@@ -88,12 +89,13 @@ class Daemon:
         self.http = ControlServer(
             config.http.host, config.http.port, healthy=self._healthy, ready=self._readiness,
             status=self.status, registry=self.metrics.registry,
-            pages={"/incidents": self._incident_page})
+            pages={"/incidents": self._incident_page}, actions={"/retrain": self._retrain_request})
         self._pages_lock = threading.Lock()
         self._pages_state: StateStore | None = None
         self.alerting = _alerting(config, self.metrics, self.http.port, self._render_report)
         self.analysis = _analysis(config, self.metrics) if config.monitor.enabled else None
         self._analysis_wakeup = threading.Event()
+        self.retraining = _retraining(config, self._submit_evidence) if self.analysis else None
         self._analysis_thread = threading.Thread(target=self._analyse, name="analysis", daemon=True)
         self._consumer: Any = None
         self._pending_seeks: dict[tuple[str, int], int] = {}
@@ -117,6 +119,10 @@ class Daemon:
             self._analysis_thread.start()
         if self.alerting is not None:
             self.alerting.start()
+        if self.retraining is not None:
+            self.retraining.start(StateStore(self.config.storage.state_path,
+                                             group_id=self.config.kafka.group_id,
+                                             instance=self.config.instance))
         log.info("driftloop started", extra={"fields": {
             "instance": self.config.instance, "group": self.config.kafka.group_id,
             "topics": sorted(self.topics), "http_port": self.http.port}})
@@ -294,6 +300,9 @@ class Daemon:
             except Exception as exc:
                 log.warning("consumer close failed", extra={"fields": {"error": repr(exc)}})
         self.dead_letters.close()
+        if self.retraining is not None:
+            self.retraining.stop()
+            self.retraining._state.close()
         if self.alerting is not None:
             self.alerting.stop()
         self.http.stop()
@@ -342,6 +351,7 @@ class Daemon:
             "dead_letters": counter_values(self.metrics.dead_letters),
             "monitor": None if self.analysis is None else self.analysis.status(),
             "alerts": None if self.alerting is None else self.alerting.status(),
+            "retrain": None if self.retraining is None else self.retraining.status(),
             "incidents": {
                 "firing": [json.loads(r.body) for r in self.state.incidents(status="firing")],
                 "recently_resolved": [json.loads(r.body) for r in
@@ -349,6 +359,18 @@ class Daemon:
             },
         }
 
+
+    def _submit_evidence(self, signals: Any = (), resolve: Any = ()) -> None:
+        """Incident evidence from the retraining thread, committed by the analysis thread."""
+        assert self.analysis is not None
+        self.analysis.submit(signals, resolve)
+        self._analysis_wakeup.set()
+
+    def _retrain_request(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """POST /retrain (``driftloop retrain MODEL``)."""
+        if self.retraining is None:
+            return 409, {"error": "retraining is not enabled here (retrain.enabled, monitor.enabled)"}
+        return self.retraining.manual(body)
 
     def _render_report(self, incident_id: str) -> str | None:
         """One incident's report as HTML (what the alert links to and the archive keeps)."""
@@ -411,6 +433,21 @@ def _alerting(config: Config, metrics: Metrics, http_port: int,
                                 state_path=config.storage.state_path, metrics=metrics,
                                 environ=os.environ, base_url=base_url, archive=archive,
                                 render=render)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _retraining(config: Config, submit: Callable[..., None]) -> RetrainController | None:
+    """Retraining runs where the analysis runs, when enabled (docs/retraining.md)."""
+    if not config.retrain.enabled:
+        return None
+    from connectors.registry import ModelRegistry
+
+    assert config.mlflow.tracking_uri is not None  # Config checks it
+    registry = ModelRegistry(config.mlflow.tracking_uri, timeout_s=config.mlflow.request_timeout_seconds,
+                             max_retries=config.mlflow.max_retries)
+    try:
+        return RetrainController(config, registry=registry, submit=submit)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -203,6 +203,24 @@ class IncidentBook:
         return Outcome(out, list(touched.values()))
 
 
+    def resolve(self, fingerprint: str, at_ms: int, evidence: Mapping[str, Any] | None = None) -> Outcome:
+        """Resolve an open incident at once (nothing happens when none is open).
+
+        For conditions that end with an event rather than with clean windows: a
+        training run that succeeds after one failed ends "training is failing".
+        """
+        inc = self._open.pop(fingerprint, None)
+        if inc is None:
+            return Outcome([], [])
+        inc.status = "resolved"
+        inc.resolved_ms = max(at_ms, inc.updated_ms)
+        inc.updated_ms = inc.resolved_ms
+        if evidence:
+            inc.evidence = dict(evidence)
+        inc.history = [*inc.history, [inc.resolved_ms, None, False]][-MAX_HISTORY:]
+        return Outcome([Transition("resolved", inc)], [inc])
+
+
 def headline(evidence: Mapping[str, Any]) -> float | None:
     """The number that says how bad it is (see HEADLINE_KEYS), or None."""
     for key in HEADLINE_KEYS:

@@ -28,7 +28,10 @@ SEVERITIES = ("info", "warning", "critical")
 
 #: Every ``Decision.code``; ``launched`` is the only yes.
 DECISION_CODES = ("launched", "kind_not_configured", "severity", "running", "cooldown",
-                  "too_few_labels", "budget_jobs", "budget_time")
+                  "too_few_labels", "budget_jobs", "budget_time",
+                  # Decided by the daemon after a "yes": no matured data yet, or the
+                  # registry could not say which version to warm-start from.
+                  "no_data", "registry")
 
 _HOUR_MS = 3_600_000
 #: "Per day" is a rolling 24 h, not a calendar day: a budget that resets at midnight

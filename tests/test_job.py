@@ -137,3 +137,14 @@ def test_a_window_that_is_empty_or_too_small_fails_cleanly(mlflow_server: str, t
     assert client.search_model_versions(f"name='{model}'") == []
     run = ModelRegistry(mlflow_server).run_data(str(result["run_id"]))
     assert run["status"] == "FAILED" and run["tags"]["driftloop.failure"] == result["code"]
+
+
+def test_a_run_whose_loss_goes_nan_registers_nothing_and_says_why(mlflow_server: str, tmp_path: Path) -> None:
+    model = unique_model_name("ctr")
+    window = write_store(tmp_path / "store", World(seed=6), rows=5_000, seed=6, model=model)
+    rc, result, _ = run_job_process(tmp_path, spec(tmp_path, mlflow_server, model, window,
+                                                   params={**PARAMS, "lr": 1e30}))
+    assert rc == 1 and result["status"] == "failed" and result["code"] == "non_finite_loss"
+    assert "epoch" in str(result["reason"])
+    assert MlflowClient(tracking_uri=mlflow_server).search_model_versions(f"name='{model}'") == []
+    assert ModelRegistry(mlflow_server).run_data(str(result["run_id"]))["status"] == "FAILED"
