@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Pure cores: numbers in, numbers out. No Kafka, no files, no network, no clock.
 CORES = ["monitor/profile.py", "monitor/drift.py", "monitor/performance.py",
          "monitor/sequential.py", "monitor/incidents.py", "monitor/join.py",
-         "monitor/labels.py", "monitor/windows.py"]
+         "monitor/labels.py", "monitor/windows.py", "monitor/live.py"]
 #: Composition roots may wire everything (STYLE.md section 2): the training job's entry
 #: point builds the new version's reference with the monitor's profile code.
 COMPOSITION_ROOTS = {"retrain/job.py"}
