@@ -34,7 +34,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -192,6 +192,11 @@ class Analysis:
         self._stall_checked_upto = -1
         self._submitted: list[tuple[list[Signal], list[tuple[str, int, dict[str, Any]]]]] = []
         self._submit_lock = threading.Lock()
+        #: Called with (model, version, window start, window end, summary, primary labels)
+        #: for each version of each matured window, on this thread, after the commit: the
+        #: live comparisons of promotion (monitor/promotion.py) listen here. A listener
+        #: must be quick and must not raise (hand the data to another thread).
+        self.label_listeners: list[Callable[[str, str, int, int, LabelSummary, np.ndarray], None]] = []
         self._refresh_incident_gauge()
 
     def submit(self, signals: Sequence[Signal] = (),
@@ -411,6 +416,7 @@ class Analysis:
 
         values: dict[str, str] = {"join_upto": str(end)}
         signals: list[Signal] = []
+        heard: list[tuple[str, str, LabelSummary, np.ndarray]] = []
         for (model, version), idx in _version_indices(preds):
             key = _key(model, version)
             v = self._version(key, start)
@@ -421,7 +427,14 @@ class Analysis:
                 self.metrics.label_rate.labels(model, version, t).set(summary.rate(t))
             signals.extend(self._performance(model, version, v, start, end, summary, labels))
             values[f"version/{key}"] = v.to_json()
+            heard.append((model, version, summary, np.asarray(labels[spec.primary_label], dtype=bool)))
         self._commit(values, signals)
+        for listener in self.label_listeners:
+            for model, version, summary, y in heard:
+                try:
+                    listener(model, version, start, end, summary, y)
+                except Exception:
+                    log.exception("a label listener failed", extra={"fields": {"model": model}})
         self.metrics.windows_analysed.labels("join").inc()
         self.metrics.analysis_seconds.labels("join").observe(time.perf_counter() - t0)
 
