@@ -163,6 +163,20 @@ class ModelRegistry:
         with self._translate(f"delete alias {model}@{alias}"):
             self._client.delete_registered_model_alias(model, alias)
 
+    def aliases(self, model: str) -> dict[str, str]:
+        """Every alias of ``model`` and the version it points at; empty when the model is missing.
+
+        One read, so a caller sees ``champion`` and ``previous`` as of the same moment.
+        """
+        try:
+            with self._translate(f"get aliases of {model}"):
+                registered = self._client.get_registered_model(model)
+        except RegistryError as exc:
+            if exc.code == _NOT_FOUND:
+                return {}
+            raise
+        return {str(k): str(v) for k, v in (registered.aliases or {}).items()}
+
     # -- versions --------------------------------------------------------------------------
 
     def register_version(self, model: str, model_uri: str, *, run_id: str, model_id: str | None = None,
@@ -199,6 +213,14 @@ class ModelRegistry:
         with self._translate(f"tag version {model}/{version}"):
             for k, v in tags.items():
                 self._client.set_model_version_tag(model, str(version), k, _clip(v, _MAX_TAG))
+
+    def delete_version_tag(self, model: str, version: str, key: str) -> None:
+        """Removes a version's tag (a no-op when the tag is not set)."""
+        tags = self.version_tags(model, version)
+        if tags is None or key not in tags:
+            return
+        with self._translate(f"delete tag {key} of version {model}/{version}"):
+            self._client.delete_model_version_tag(model, str(version), key)
 
     def version_run_id(self, model: str, version: str) -> str | None:
         """The run that produced a version; None when the version does not exist."""
@@ -255,6 +277,33 @@ class ModelRegistry:
             run = self._client.get_run(run_id)
         return {"params": dict(run.data.params), "metrics": dict(run.data.metrics),
                 "tags": dict(run.data.tags), "status": run.info.status}
+
+    def set_run_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        """Tags a run (values clipped to MLflow's tag length), in one request."""
+        from mlflow.entities import RunTag
+
+        with self._translate(f"tag run {run_id}"):
+            self._client.log_batch(run_id, tags=[RunTag(k, _clip(v, _MAX_TAG)) for k, v in tags.items()])
+
+    def log_run_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """Logs metrics to a run; non-finite values (an undefined AUC, say) are left out,
+        so a missing number reads as missing, not as NaN in a comparison."""
+        import math
+        import time as _time
+
+        from mlflow.entities import Metric
+
+        now = int(_time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        with self._translate(f"log metrics of run {run_id}"):
+            for i in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics per batch
+                self._client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def log_run_text(self, run_id: str, text: str, path: str) -> None:
+        """Writes ``text`` as the artifact ``path`` of a run (overwriting it)."""
+        with self._translate(f"log {path} in run {run_id}"):
+            self._client.log_text(run_id, text, path)
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         with self._translate(f"read metric {key} of run {run_id}"):
@@ -425,27 +474,13 @@ class TrainingRun:
                 self._client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        import math
-        import time as _time
-
-        from mlflow.entities import Metric
-
-        now = int(_time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
-        with self.registry._translate(f"log metrics of run {self.run_id}"):
-            for i in range(0, len(items), 1000):
-                self._client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        self.registry.log_run_metrics(self.run_id, metrics, step)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        with self.registry._translate(f"tag run {self.run_id}"):
-            self._client.log_batch(self.run_id, tags=[RunTag(k, _clip(v, _MAX_TAG)) for k, v in tags.items()])
+        self.registry.set_run_tags(self.run_id, tags)
 
     def log_text(self, text: str, path: str) -> None:
-        with self.registry._translate(f"log {path} in run {self.run_id}"):
-            self._client.log_text(self.run_id, text, path)
+        self.registry.log_run_text(self.run_id, text, path)
 
     def log_model(self, model_dir: Path, *, input_example: Any, code_dirs: list[Path],
                   pip_requirements: list[str]) -> tuple[str, str]:

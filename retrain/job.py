@@ -13,7 +13,11 @@ What a run does, in order (docs/retraining.md, "The training job"):
 3. download the base version (the champion) and warm-start from its weights;
 4. train (a small hyperparameter search when ``search_trials > 1``), logging every
    epoch's metrics;
-5. score the challenger and the champion on the same holdout;
+5. score the challenger and the champion on the same holdout, and compare them
+   (``retrain.evaluate.compare``: DeLong's paired AUC test, a paired log-loss
+   bootstrap, NDCG@k, calibration, size and scoring latency) into the evaluation
+   report that the promotion gate (retrain/promote.py) decides on, logged as
+   ``evaluation/report.json`` and ``eval.*`` metrics. The job never promotes;
 6. log the model (python_function, models from code, weights as data), the new
    reference profile and the data window; register a new version, tag it, and point
    the alias ``challenger`` at it.
@@ -64,7 +68,16 @@ from retrain.dataset import (
     split_by_time,
     training_frame,
 )
-from retrain.evaluate import holdout_metrics
+from retrain.evaluate import (
+    REPORT_PATH,
+    EvaluationReport,
+    HoldoutWindow,
+    ModelScores,
+    compare,
+    holdout_metrics,
+    latency_ms_per_1000,
+    model_size_bytes,
+)
 from retrain.spec import JobSpec
 from retrain.trainer import TrainingError
 
@@ -81,6 +94,12 @@ TAG_JOB = "driftloop.job_id"
 TAG_TRIGGER = "driftloop.trigger"
 TAG_BASE = "driftloop.base_version"
 TAG_WINDOW = "driftloop.data_window"
+#: Run tag set when the holdout could not be evaluated (the gate then has no evidence).
+TAG_EVALUATION_ERROR = "driftloop.evaluation_error"
+#: NDCG's cut-off: the slate sizes recommenders serve are about this long.
+_NDCG_K = 10
+#: Timed scoring calls per model for the latency guardrail (after one warm-up call).
+_LATENCY_REPEATS = 5
 _RETRAIN_DIR = Path(__file__).resolve().parent
 
 
@@ -258,22 +277,30 @@ def _train_and_register(spec: JobSpec, registry: ModelRegistry, run: Any, tmp: P
     run.log_text(json.dumps(trials, indent=2, default=str), "training/trials.json")
     model = best.model
     y = split.holdout[spec.label].to_numpy()
-    challenger = holdout_metrics(y, model.predict(split.holdout))
+    holdout_scores = model.predict(split.holdout)
+    challenger = holdout_metrics(y, holdout_scores)
     metrics = {f"holdout_{k}": v for k, v in challenger.items()}
     metrics.update({"best_epoch": float(best.best_epoch), "best_val_loss": float(best.best_val_loss),
                     "trials": float(len(trials))})
+    champion: tuple[Any, np.ndarray, Path] | None = None
     if warm is not None:
-        champion = trainer.load(warm)
-        metrics.update({f"champion_holdout_{k}": v
-                        for k, v in holdout_metrics(y, champion.predict(split.holdout)).items()})
+        base = trainer.load(warm)
+        champion = (base, base.predict(split.holdout), warm)
+        metrics.update({f"champion_holdout_{k}": v for k, v in holdout_metrics(y, champion[1]).items()})
+    model_dir = tmp / "model"
+    model.save(model_dir)  # before the evaluation: its size is a guardrail
+    report = _evaluate(spec, split.holdout, y, (model, holdout_scores, model_dir), champion)
+    if isinstance(report, EvaluationReport):
+        run.log_text(report.to_json(), REPORT_PATH)
+        metrics.update(report.metrics())
+    else:
+        run.set_tags({TAG_EVALUATION_ERROR: report})
     run.log_metrics(_finite(metrics))
     run.log_params({f"best.{k}": v for k, v in dict(best.params).items()} | {"device": device})
 
     fitted = pd.concat([split.train, split.validation], ignore_index=True)
-    reference = _reference(fitted, features, model.predict(fitted), model.predict(split.holdout),
+    reference = _reference(fitted, features, model.predict(fitted), holdout_scores,
                            split.holdout, spec, source=f"training:{spec.job_id}")
-    model_dir = tmp / "model"
-    model.save(model_dir)
     example = split.holdout[[c for c in ["user_id", "item_id", *features] if c in split.holdout]].head(5)
     model_uri, model_id = run.log_model(model_dir, input_example=example, code_dirs=[_RETRAIN_DIR],
                               pip_requirements=_requirements())
@@ -292,6 +319,41 @@ def _train_and_register(spec: JobSpec, registry: ModelRegistry, run: Any, tmp: P
         registry.delete_version(spec.model, version)
         raise
     return version, _finite(metrics)
+
+
+def _dir_size(path: Path) -> int:
+    return model_size_bytes([f.stat().st_size for f in path.rglob("*") if f.is_file()])
+
+
+def _evaluate(spec: JobSpec, holdout: pd.DataFrame, y: np.ndarray, challenger: tuple[Any, np.ndarray, Path],
+              champion: tuple[Any, np.ndarray, Path] | None) -> EvaluationReport | str:
+    """The challenger against the champion (the base version) on the holdout.
+
+    Both models' latency is measured here, in one process on one machine, one after
+    the other: the ratio the gate checks is then about the models, not the hardware.
+    A holdout the statistics cannot use (fewer than two positives, say) is not a
+    failed job: the version is still registered, without a report (the reason is
+    returned, and becomes a run tag), so the gate keeps the champion and a person may
+    still promote it.
+    """
+    def scores(entry: tuple[Any, np.ndarray, Path], version: str | None) -> ModelScores:
+        model, p, directory = entry
+        return ModelScores(p, version=version, size_bytes=_dir_size(directory),
+                           latency_ms_per_1000=latency_ms_per_1000(model.predict, holdout, _LATENCY_REPEATS))
+
+    groups = None
+    if "request_id" in holdout.columns and holdout["request_id"].notna().any():
+        groups = holdout["request_id"].to_numpy(dtype=object)
+    ts = holdout["ts"].to_numpy()
+    window = HoldoutWindow(int(ts.min()), int(ts.max()))
+    try:
+        return compare(y, scores(challenger, None),
+                       None if champion is None else scores(champion, spec.base_version),
+                       model=spec.model, window=window, groups=groups, k=_NDCG_K, seed=spec.seed)
+    except ValueError as exc:
+        log.warning("the holdout could not be evaluated", extra={"fields": {"job": spec.job_id,
+                                                                           "reason": str(exc)}})
+        return f"the holdout could not be evaluated: {exc}"
 
 
 def _requirements() -> list[str]:

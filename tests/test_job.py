@@ -18,7 +18,9 @@ import pytest
 from mlflow import MlflowClient
 
 from connectors.registry import REFERENCE_PATH, REFERENCE_TAG, ModelRegistry
+from retrain.evaluate import REPORT_PATH, EvaluationReport
 from retrain.job import ALIAS, TAG_JOB, TAG_TRIGGER, TAG_WINDOW
+from retrain.promote import Gate
 from retrain.spec import JobSpec, Trigger
 from tests.ctr_world import World, write_store
 from tests.mlflow_fixtures import unique_model_name
@@ -82,6 +84,16 @@ def test_a_job_registers_a_version_with_its_metadata_that_scores_by_alias_in_a_f
     reference = json.loads(registry.reference_json(model, version) or "{}")
     assert "f.age" in reference["profile"]["numeric"] and reference["source"].startswith("training:")
 
+    # The evaluation report of a first model: no champion, so no paired tests.
+    report = EvaluationReport.from_json(registry.download_artifact(model, version, REPORT_PATH) or b"")
+    assert report.champion is None and report.auc_test is None and report.logloss_test is None
+    assert report.rows == window_doc["sizes"]["holdout"] and 0 < report.positives < report.rows
+    assert report.window.start_ms == window_doc["holdout_start_ms"] <= report.window.end_ms < window[1]
+    assert report.challenger.auc == pytest.approx(float(tags["driftloop.holdout_auc"]), rel=1e-5)
+    assert (report.challenger.size_bytes or 0) > 10_000 and (report.challenger.latency_ms_per_1000 or 0) > 0
+    assert report.challenger.ndcg_at_k is None  # the simulated recommender sends no request ids
+    assert run["metrics"]["eval.auc"] == pytest.approx(report.challenger.auc)
+
     # A recommender: a fresh process that knows only the tracking URI and the alias.
     script = textwrap.dedent(f"""
         import json, mlflow, pandas as pd
@@ -120,6 +132,25 @@ def test_fine_tuning_on_a_shifted_world_beats_the_champion_there(mlflow_server: 
     registry = ModelRegistry(mlflow_server)
     assert registry.version_by_alias(model, ALIAS) == str(second["model_version"])
     assert registry.version_by_alias(model, "champion") == champion  # promotion is not the job's
+
+    # The evaluation report: the challenger against the base version, paired on one holdout.
+    report = EvaluationReport.from_json(
+        registry.download_artifact(model, str(second["model_version"]), REPORT_PATH) or b"")
+    assert report.champion is not None and report.champion_version == champion
+    assert report.auc_test is not None and report.logloss_test is not None
+    assert report.auc_test.diff == pytest.approx(m["holdout_auc"] - m["champion_holdout_auc"], abs=1e-6)
+    assert report.auc_test.p_one_sided < 0.01 and report.auc_test.se > 0
+    assert report.logloss_test.diff < 0 and report.logloss_test.ci_high < 0
+    # A warm start keeps the architecture: the same size, give or take the config's digits.
+    assert report.champion.size_bytes == pytest.approx(report.challenger.size_bytes, rel=0.01)
+    assert (report.champion.latency_ms_per_1000 or 0) > 0
+    assert m["eval.auc_diff"] == pytest.approx(report.auc_test.diff)
+    assert m["eval.auc_p"] == pytest.approx(report.auc_test.p_one_sided)
+    assert m["eval.logloss_diff"] == pytest.approx(report.logloss_test.diff)
+    run = registry.run_data(str(second["run_id"]))
+    assert run["metrics"]["eval.auc_diff"] == pytest.approx(report.auc_test.diff)
+    decision = Gate().decide(report)  # what the promoter will decide on
+    assert decision.promote, decision.reason
 
 
 @pytest.mark.parametrize("case", ["empty", "too_small"])
