@@ -77,6 +77,8 @@ log = logging.getLogger(__name__)
 
 #: The ``monitor_state`` key of the last incident event turned into outbox rows.
 CURSOR_KEY = "alerts/upto_seq"
+#: Incident kinds that are notifications rather than problems (docs/promotion.md).
+NOTIFICATION_KINDS = frozenset({"model_promoted"})
 #: The outbox name of the model registry's report archive.
 ARCHIVE_SINK = "mlflow-reports"
 #: Incident events read per fill transaction.
@@ -129,6 +131,10 @@ class Route:
     kinds: frozenset[str] = frozenset()
 
     def accepts(self, item: AlertItem) -> bool:
+        if item.kind in NOTIFICATION_KINDS:
+            # Notifications (a promotion) are informational by nature; a sink that takes
+            # every kind gets them whatever its minimum severity.
+            return not self.kinds or item.kind in self.kinds
         try:
             severity = Severity.parse(item.severity)
         except ValueError:

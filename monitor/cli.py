@@ -36,7 +36,70 @@ def _parser() -> argparse.ArgumentParser:
     retrain.add_argument("--reason", default="asked by a person", help="why (kept with the decision)")
     retrain.add_argument("--who", default=None, help="who asks (default: $USER)")
     retrain.add_argument("--config", "-c", help="YAML config file")
+    promote = sub.add_parser("promote", help="make VERSION of MODEL the champion (shows the evidence first)")
+    promote.add_argument("model")
+    promote.add_argument("version")
+    promote.add_argument("--reason", default="promoted by a person")
+    promote.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    promote.add_argument("--config", "-c", help="YAML config file")
+    rollback = sub.add_parser("rollback", help="move MODEL's champion back to the previous version")
+    rollback.add_argument("model")
+    rollback.add_argument("--reason", default="rolled back by a person")
+    rollback.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    rollback.add_argument("--config", "-c", help="YAML config file")
     return parser
+
+
+def _aliases(config: Config, args: argparse.Namespace) -> int:
+    """``promote`` and ``rollback``: the same lock and history as the daemon's."""
+    import getpass
+
+    from connectors.registry import ModelRegistry, RegistryError
+    from monitor.promotion import build_promoter
+    from retrain.evaluate import REPORT_PATH
+    from retrain.promote import CHAMPION, GATE_PATH, PREVIOUS, PromotionError
+
+    if not config.mlflow.tracking_uri:
+        print("driftloop: mlflow.tracking_uri is not set: there is no registry to move aliases in",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    registry = ModelRegistry(config.mlflow.tracking_uri, timeout_s=config.mlflow.request_timeout_seconds,
+                             max_retries=config.mlflow.max_retries)
+    who = getpass.getuser()
+    try:
+        promoter, history = build_promoter(config, registry, owner=f"cli:{who}")
+        champion = registry.version_by_alias(args.model, CHAMPION)
+        previous = registry.version_by_alias(args.model, PREVIOUS)
+        target = args.version if args.command == "promote" else previous
+        print(f"{args.model}: champion={champion or 'unset'} previous={previous or 'unset'}")
+        if args.command == "rollback" and previous is None:
+            print(f"driftloop: {args.model} has no previous version to roll back to", file=sys.stderr)
+            return 1
+        for path, title in ((REPORT_PATH, "evaluation"), (GATE_PATH, "gate")):
+            raw = registry.download_artifact(args.model, str(target), path)
+            if raw is not None:
+                print(f"--- {title} of v{target} ({path}) ---")
+                print(json.dumps(json.loads(raw), indent=2)[:4000])
+        action = (f"make v{target} the champion (v{champion} becomes previous)" if args.command == "promote"
+                  else f"move the champion back from v{champion} to v{target}")
+        if not args.yes:
+            answer = input(f"{action}? [y/N] ").strip().lower()
+            if answer not in ("y", "yes"):
+                print("nothing moved")
+                return 1
+        if args.command == "promote":
+            moves = promoter.promote(args.model, args.version, who=who, why=args.reason,
+                                     evidence={"via": "driftloop promote"})
+        else:
+            moves = promoter.rollback(args.model, who=who, why=args.reason,
+                                      evidence={"via": "driftloop rollback"})
+    except (PromotionError, RegistryError, ValueError) as exc:
+        print(f"driftloop: {exc}", file=sys.stderr)
+        return 1
+    for m in moves:
+        print(f"moved {m.alias}: {m.from_version} -> {m.to_version} ({m.why})")
+    del history
+    return 0
 
 
 def _daemon_url(config: Config, path: str) -> str:
@@ -62,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(msgspec.json.format(msgspec.json.encode(config)).decode())
         return 0
+    if args.command in ("promote", "rollback"):
+        return _aliases(config, args)
     if args.command == "retrain":
         import getpass
 

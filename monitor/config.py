@@ -249,7 +249,7 @@ class MonitorConfig(_Section):
 
 #: Incident kinds a sink's ``kinds`` may name (monitor/incidents.py, docs/monitoring.md).
 ALERT_KINDS = ("feature_drift", "prediction_drift", "data_quality", "performance_drop",
-               "training_failed")
+               "training_failed", "model_promoted", "model_rollback")
 
 
 class AlertSinkConfig(_Section):
@@ -423,7 +423,9 @@ class RetrainConfig(_Section):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        triggers = [k for k in ALERT_KINDS if k != "training_failed"]  # never retrain on itself
+        # Never retrain on retraining's own outcomes.
+        triggers = [k for k in ALERT_KINDS if k not in ("training_failed", "model_promoted",
+                                                        "model_rollback")]
         unknown = sorted(set(self.incident_kinds) - set(triggers))
         if unknown:
             msg = f"retrain.incident_kinds: unknown kinds {unknown}; known: {triggers}"
@@ -445,6 +447,64 @@ class RetrainConfig(_Section):
             raise ValueError(msg)
 
 
+class PromotionConfig(_Section):
+    """Which challengers become champion, the live watch after, the canary (docs/promotion.md)."""
+
+    enabled: bool = True
+    #: Promote a challenger from a successful training job when it passes the gate.
+    auto: bool = True
+    min_auc_gain: float = 0.005
+    confidence: float = 0.95
+    max_logloss_increase: float = 0.0
+    calibration_band: tuple[float, float] = (0.8, 1.25)
+    max_size_ratio: float = 1.5
+    max_latency_ratio: float = 2.0
+    min_auc: float = 0.55
+    #: After a promotion the new champion's labels are tested against the previous
+    #: champion's live rate for this many labelled events; a significant drop rolls back.
+    watch_events: int = 200_000
+    watch_arl0_events: float = 1e6
+    #: The previous champion's live rate is taken over its last this many labelled events.
+    baseline_events: int = 100_000
+    #: Two versions of one model serving at once are compared live (mSPRT).
+    canary: bool = True
+    canary_alpha: float = 0.05
+    canary_min_events: int = 2000
+    #: How often the champion alias is read, to notice promotions made elsewhere.
+    poll_seconds: float = 30.0
+    #: Who may move aliases: a lease in <data_dir>/promotion.db (one machine), or a
+    #: PostgreSQL advisory lock (several replicas).
+    lock: Literal["sqlite", "postgres"] = "sqlite"
+    lock_dsn_env: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("watch_events", "baseline_events", "canary_min_events"):
+            if getattr(self, key) < 1:
+                msg = f"promotion.{key} must be >= 1, got {getattr(self, key)}"
+                raise ValueError(msg)
+        for key in ("watch_arl0_events", "poll_seconds"):
+            _positive(f"promotion.{key}", getattr(self, key))
+        if not 0.0 < self.canary_alpha < 1.0:
+            msg = f"promotion.canary_alpha must be in (0, 1), got {self.canary_alpha}"
+            raise ValueError(msg)
+        if self.lock == "postgres" and not self.lock_dsn_env:
+            msg = "promotion.lock: postgres needs lock_dsn_env (the variable holding the DSN)"
+            raise ValueError(msg)
+        try:
+            self.spec()
+        except ValueError as exc:
+            msg = f"promotion: {exc}"
+            raise ValueError(msg) from None
+
+    def spec(self) -> Any:
+        from retrain.promote import PromotionSpec
+
+        return PromotionSpec(min_auc_gain=self.min_auc_gain, confidence=self.confidence,
+                             max_logloss_increase=self.max_logloss_increase,
+                             calibration_band=self.calibration_band, max_size_ratio=self.max_size_ratio,
+                             max_latency_ratio=self.max_latency_ratio, min_auc=self.min_auc)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -463,6 +523,7 @@ class Config(_Section):
     mlflow: MlflowConfig = msgspec.field(default_factory=MlflowConfig)
     alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
     retrain: RetrainConfig = msgspec.field(default_factory=RetrainConfig)
+    promotion: PromotionConfig = msgspec.field(default_factory=PromotionConfig)
 
     def __post_init__(self) -> None:
         if self.retrain.enabled and not self.mlflow.tracking_uri:

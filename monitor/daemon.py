@@ -40,6 +40,7 @@ from monitor.incidents import Incident
 from monitor.ingest import Ingestor
 from monitor.join import JoinSpec
 from monitor.metrics import Metrics
+from monitor.promotion import PromotionController
 from monitor.reports import render_index, render_report
 from monitor.retraining import RetrainController
 from monitor.windows import WindowSpec
@@ -95,7 +96,12 @@ class Daemon:
         self.alerting = _alerting(config, self.metrics, self.http.port, self._render_report)
         self.analysis = _analysis(config, self.metrics) if config.monitor.enabled else None
         self._analysis_wakeup = threading.Event()
-        self.retraining = _retraining(config, self._submit_evidence) if self.analysis else None
+        self.promotion = _promotion(config, self._submit_evidence) if self.analysis else None
+        if self.promotion is not None and self.analysis is not None:
+            self.analysis.label_listeners.append(self.promotion.on_labels)
+        self.retraining = _retraining(
+            config, self._submit_evidence,
+            None if self.promotion is None else self.promotion.job_succeeded) if self.analysis else None
         self._analysis_thread = threading.Thread(target=self._analyse, name="analysis", daemon=True)
         self._consumer: Any = None
         self._pending_seeks: dict[tuple[str, int], int] = {}
@@ -119,10 +125,11 @@ class Daemon:
             self._analysis_thread.start()
         if self.alerting is not None:
             self.alerting.start()
-        if self.retraining is not None:
-            self.retraining.start(StateStore(self.config.storage.state_path,
-                                             group_id=self.config.kafka.group_id,
-                                             instance=self.config.instance))
+        for controller in (self.retraining, self.promotion):
+            if controller is not None:
+                controller.start(StateStore(self.config.storage.state_path,
+                                            group_id=self.config.kafka.group_id,
+                                            instance=self.config.instance))
         log.info("driftloop started", extra={"fields": {
             "instance": self.config.instance, "group": self.config.kafka.group_id,
             "topics": sorted(self.topics), "http_port": self.http.port}})
@@ -303,6 +310,8 @@ class Daemon:
         if self.retraining is not None:
             self.retraining.stop()
             self.retraining._state.close()
+        if self.promotion is not None:
+            self.promotion.stop()
         if self.alerting is not None:
             self.alerting.stop()
         self.http.stop()
@@ -352,6 +361,7 @@ class Daemon:
             "monitor": None if self.analysis is None else self.analysis.status(),
             "alerts": None if self.alerting is None else self.alerting.status(),
             "retrain": None if self.retraining is None else self.retraining.status(),
+            "promotion": None if self.promotion is None else self.promotion.status(),
             "incidents": {
                 "firing": [json.loads(r.body) for r in self.state.incidents(status="firing")],
                 "recently_resolved": [json.loads(r.body) for r in
@@ -437,17 +447,31 @@ def _alerting(config: Config, metrics: Metrics, http_port: int,
         raise ConfigError(str(exc)) from None
 
 
-def _retraining(config: Config, submit: Callable[..., None]) -> RetrainController | None:
+def _registry(config: Config) -> Any:
+    from connectors.registry import ModelRegistry
+
+    assert config.mlflow.tracking_uri is not None
+    return ModelRegistry(config.mlflow.tracking_uri, timeout_s=config.mlflow.request_timeout_seconds,
+                         max_retries=config.mlflow.max_retries)
+
+
+def _retraining(config: Config, submit: Callable[..., None],
+                on_success: Callable[[str, str, str], None] | None) -> RetrainController | None:
     """Retraining runs where the analysis runs, when enabled (docs/retraining.md)."""
     if not config.retrain.enabled:
         return None
-    from connectors.registry import ModelRegistry
-
-    assert config.mlflow.tracking_uri is not None  # Config checks it
-    registry = ModelRegistry(config.mlflow.tracking_uri, timeout_s=config.mlflow.request_timeout_seconds,
-                             max_retries=config.mlflow.max_retries)
     try:
-        return RetrainController(config, registry=registry, submit=submit)
+        return RetrainController(config, registry=_registry(config), submit=submit, on_success=on_success)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _promotion(config: Config, submit: Callable[..., None]) -> PromotionController | None:
+    """Promotion runs where the analysis runs, with a registry (docs/promotion.md)."""
+    if not (config.promotion.enabled and config.mlflow.tracking_uri):
+        return None
+    try:
+        return PromotionController(config, registry=_registry(config), submit=submit)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

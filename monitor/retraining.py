@@ -69,18 +69,23 @@ class RetrainController:
         registry: the model registry (the champion to warm-start from).
         submit: hands signals and resolutions to the analysis stage, the one writer of
             incidents (`monitor.analysis.Analysis.submit`).
+        on_success: told (model, version, job id) of every registered challenger (the
+            promotion controller's gate).
         launcher: how jobs run; built from the config when omitted.
         clock: seconds since the epoch.
     """
 
     def __init__(self, config: Config, *, registry: ModelRegistry,
                  submit: Callable[..., None], launcher: Launcher | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_success: Callable[[str, str, str], None] | None = None) -> None:
         rc = config.retrain
         self.config = config
         self.registry = registry
         self.submit = submit
         self.clock = clock
+        #: (model, version, job_id) of each registered challenger: the promotion controller.
+        self.on_success = on_success
         self.policy = RetrainPolicy(PolicySpec(
             incident_kinds=frozenset(rc.incident_kinds), min_severity=rc.min_severity,
             cooldown_ms=int(rc.cooldown_seconds * 1000), min_fresh_labels=rc.min_fresh_labels,
@@ -297,6 +302,9 @@ class RetrainController:
         else:
             log.info("training job registered a challenger", extra={"fields": evidence})
             self.submit(resolve=[(fingerprint, end, evidence)])
+            version = result.get("model_version")
+            if self.on_success is not None and version:
+                self.on_success(event.model, str(version), event.job_id)
 
     def status(self) -> dict[str, Any]:
         jobs = self.jobs.jobs()
