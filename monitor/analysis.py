@@ -554,7 +554,8 @@ class Analysis:
     def _announce(self, t: Transition) -> None:
         inc = t.incident
         self.metrics.incident_transitions.labels(inc.kind, t.transition).inc()
-        level = logging.INFO if t.transition == "resolved" else logging.WARNING
+        level = (logging.INFO if t.transition == "resolved" or inc.severity == Severity.INFO.label
+                 else logging.WARNING)
         log.log(level, f"incident {t.transition}: {inc.summary or inc.fingerprint}",
                 extra={"fields": {"incident": inc.id, "severity": inc.severity,
                                   "fingerprint": inc.fingerprint}})

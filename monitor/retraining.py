@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 CURSOR_KEY = "retrain/upto_seq"
 #: The incident kind of a training run that did not produce a model.
 FAILED_KIND = "training_failed"
+#: Incidents about retraining and promotion themselves: never a reason to retrain.
+_OWN_KINDS = frozenset({FAILED_KIND, "model_promoted", "model_rollback"})
 #: The alias whose version a job warm-starts from.
 CHAMPION = "champion"
 
@@ -198,7 +200,7 @@ class RetrainController:
             if transition not in ("firing", "escalated"):
                 continue
             inc = Incident.from_json(body)
-            if inc.kind == FAILED_KIND:
+            if inc.kind in _OWN_KINDS:  # retraining's and promotion's own outcomes
                 continue
             out.append((Trigger(kind="incident", model=inc.model, reason=inc.summary or inc.fingerprint,
                                 at_ms=at_ms, incident_id=inc.id, incident_kind=inc.kind), inc.severity))
