@@ -37,11 +37,10 @@ schemas: venv
 bench-quick: venv kafka-fetch
 	$(BIN)/python -m bench.ingest --quick
 
+SEED ?= 1
+
 demo: venv kafka-fetch
-	@echo "make demo: the full loop (drift -> alert -> retrain -> promotion) arrives with issue #7."
-	@echo "Until then it runs the ingestion demo: a local Kafka, the daemon, and a simulated"
-	@echo "recommender sending valid and invalid events."
-	$(BIN)/python -m monitor.demo
+	$(BIN)/python -m monitor.demo --seed $(SEED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache var
