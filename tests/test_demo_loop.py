@@ -4,9 +4,9 @@ real daemon process, the real training job and the real simulated recommender.
 `monitor.demo.run_loop` is the loop ``make demo`` runs, with shorter phases: 20 s of
 stable traffic, 10 s drop-test periods and a 10 s retraining window. The test checks each
 link of the chain: the drift is detected, an alert reaches the webhook receiver (signed),
-a training job registers a challenger, the champion alias moves to it (the daemon's gate,
-or the demo's labelled fallback where the daemon does not promote), the recommender
-serves it, and its CTR is above the drifted champion's.
+a training job registers a challenger, the daemon's gate promotes it (``champion`` moves
+to it, ``previous`` to the old one), the recommender serves it, and its CTR is above the
+drifted champion's.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from monitor.demo import TOPICS, LoopSpec, run_loop
 from tests.mlflow_fixtures import unique_model_name
 
 SPEC = LoopSpec(seed=3, rate=400, period_seconds=10, stable_periods=2, retrain_window_seconds=10,
-                serve_after_switch_seconds=8, deadline_seconds=150, fallback_wait_seconds=5)
+                serve_after_switch_seconds=8, deadline_seconds=150)
 
 
 def test_drift_is_detected_alerted_retrained_promoted_and_served(
@@ -59,11 +59,13 @@ def test_drift_is_detected_alerted_retrained_promoted_and_served(
     assert tags["driftloop.base_version"] == result.bootstrap.version
     assert float(tags["driftloop.holdout_auc"]) > float(tags["driftloop.champion_holdout_auc"])
 
-    # Promotion: by the daemon where it promotes, else by the demo's labelled fallback.
-    moves = [(v, who) for _, v, who in result.champion_moves if who != "bootstrap"]
-    assert moves and moves[0][0] == version, f"{result.champion_moves}\n{log}"
-    assert moves[0][1] == ("daemon" if result.daemon_promotes else "fallback"), moves
+    # Promoted by the daemon's gate (the demo itself only set the first champion).
+    moves = [v for _, v, who in result.champion_moves if who != "bootstrap"]
+    assert moves == [version], f"{result.champion_moves}\n{log}"
     assert registry.version_by_alias(model, "champion") == version
+    assert registry.version_by_alias(model, "previous") == result.bootstrap.version
+    gate = registry.run_data(str(registry.version_run_id(model, version)))["tags"]
+    assert gate["driftloop.gate"] == "promote", gate.get("driftloop.gate_reason")
     assert [v for _, v in result.serving()] == [result.bootstrap.version, version]
 
     from monitor.demo import ctr_figures, timeline
