@@ -33,6 +33,7 @@ __all__ = [
     "SpillRecord",
     "StateStore",
     "StoredPosition",
+    "open_sqlite",
 ]
 
 _SCHEMA = """
@@ -203,6 +204,31 @@ class MonitorCommit:
     events: tuple[tuple[str, str, str], ...] = ()
 
 
+def open_sqlite(path: Path, schema: str, *, timeout_s: float = 30.0) -> sqlite3.Connection:
+    """A durable SQLite connection of the kind every store of driftloop uses.
+
+    ``isolation_level=None``: callers issue ``BEGIN IMMEDIATE`` themselves, so the write
+    lock is taken up front and two processes never deadlock upgrading read locks.
+    ``synchronous=FULL``: a transaction that returned is on disk across a power loss.
+    WAL, with ``schema`` applied. Switching a new database to WAL takes an exclusive lock
+    that does not wait on the busy timeout: two processes starting together on a fresh
+    file see "database is locked" (seen in the two-daemon test), so it retries a while.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, timeout=timeout_s, check_same_thread=False)
+    db.execute("PRAGMA synchronous=FULL")
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(schema)
+            return db
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class StateStore:
     """SQLite-backed checkpoint store.
 
@@ -225,28 +251,9 @@ class StateStore:
         self.path = Path(path)
         self.group_id = group_id
         self.instance = instance
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock
-        # is taken up front and two processes never deadlock upgrading read locks.
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, timeout=30.0, check_same_thread=False
-        )
-        # FULL: a checkpoint that returned is on disk even across a power loss; the
-        # files it names are renamed into place only after it returns.
-        self._db.execute("PRAGMA synchronous=FULL")
-        # Switching a new database to WAL takes an exclusive lock that does not wait
-        # on the busy timeout: two processes starting together on a fresh file see
-        # "database is locked" (seen in the two-daemon test), so retry for a while.
-        deadline = time.monotonic() + 30.0
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.executescript(_SCHEMA)
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        # A checkpoint that returned is on disk even across a power loss; the files it
+        # names are renamed into place only after it returns.
+        self._db = open_sqlite(self.path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

@@ -30,7 +30,12 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-__all__ = ["FeedbackStore", "SpillFiles", "conform", "unified_schema"]
+__all__ = ["FEEDBACKS", "PREDICTIONS", "FeedbackStore", "SpillFiles", "conform", "unified_schema"]
+
+#: The store's directory of each kind of event: by kind, not by topic, so a reader (the
+#: training job) needs no Kafka configuration to find them.
+PREDICTIONS = "predictions"
+FEEDBACKS = "feedbacks"
 
 INPROGRESS = ".inprogress"
 _DICTIONARY_COLUMNS = frozenset({"model", "model_version", "type"})
@@ -133,6 +138,22 @@ class FeedbackStore:
                     rows += table.num_rows
         _fsync_file(tmp)
         return rows
+
+    def write_windows(self, kind: str, table: pa.Table, *, instance: str, window_ms: int) -> int:
+        """Write a table of events as published segments, one per window of ``window_ms``.
+
+        For data that did not come through the daemon (a training job's bootstrap data,
+        simulations): the layout is the daemon's, without the state store's registry.
+        Returns the number of segments written.
+        """
+        ts = table.column("ts").cast(pa.int64()).to_numpy()
+        windows = ts - ts % window_ms
+        starts = sorted({int(w) for w in windows.tolist()})
+        for seq, w in enumerate(starts):
+            path = self.segment_path(kind, w, instance, seq)
+            self.write(path, table.schema, [table.filter(pa.array(windows == w))])
+            self.publish(path)
+        return len(starts)
 
     def publish(self, path: Path) -> None:
         """Rename a registered segment into place (idempotent)."""

@@ -58,13 +58,7 @@ MODEL = "ctr"
 #: The environment variable through which the daemon gets the webhook's signing secret
 #: (docs/alerts.md: secrets never sit in the config file).
 SECRET_ENV = "DRIFTLOOP_DEMO_WEBHOOK_SECRET"
-#: WORKAROUND: the feedback topic is named ``feedbacks``, the feedback store's own name for
-#: that kind of event, because a training job launched by the daemon reads the store by
-#: *topic* name (``retrain/job.py`` ``_assemble``) while the daemon writes it by kind
-#: (``monitor/ingest.py``: ``predictions/``, ``feedbacks/``). With a topic called
-#: ``feedback`` the job finds no clicks and fails with ``single_class``. Rename it back
-#: once the job reads by kind.
-TOPICS = {"predictions": "predictions", "feedback": "feedbacks", "dead_letter": "driftloop.dead-letter"}
+TOPICS = {"predictions": "predictions", "feedback": "feedback", "dead_letter": "driftloop.dead-letter"}
 
 Echo = Callable[[str], None]
 

@@ -40,7 +40,7 @@ from connectors.state import (
     SpillRecord,
     StateStore,
 )
-from connectors.store import FeedbackStore, SpillFiles, conform, unified_schema
+from connectors.store import FEEDBACKS, PREDICTIONS, FeedbackStore, SpillFiles, conform, unified_schema
 from monitor.metrics import Metrics
 from monitor.windows import TopicClock, WindowSpec
 
@@ -416,7 +416,8 @@ class Ingestor:
         paths = [Path(s.path) for s in w.spills]
         schema = unified_schema([*(self.spills.schema(p) for p in paths),
                                  *(x.schema for x in w.tail)])
-        path = self.store.segment_path(t.kind.value + "s", w.start_ms, self.instance,
+        path = self.store.segment_path(PREDICTIONS if t.kind is EventKind.PREDICTION else FEEDBACKS,
+                                       w.start_ms, self.instance,
                                        self._next_seq())
         rows = self.store.write(path, schema, [*self.spills.iter_read(paths), *w.tail])
         return SegmentRecord(str(path), t.name, t.kind.value, w.start_ms, rows, final), rows

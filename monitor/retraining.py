@@ -277,8 +277,6 @@ class RetrainController:
             base_version=base, data_start_ms=start, data_end_ms=upto,
             store=str(self.config.storage.store_path.resolve()),
             tracking_uri=str(self.config.mlflow.tracking_uri), trigger=trigger,
-            predictions_topic=self.config.kafka.predictions_topic,
-            feedback_topic=self.config.kafka.feedback_topic,
             label=mon.primary, label_types=tuple(mon.label_types),
             attribution_ms=mon.attribution_seconds * 1000, params=dict(rc.params),
             search_trials=rc.search_trials, seed=rc.seed, budget_s=rc.budget_seconds,

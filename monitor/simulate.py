@@ -310,7 +310,7 @@ def write_history(store_root: Path, world: World, policy: SlatePolicy, rng: np.r
     """
     import pyarrow as pa
 
-    from connectors.store import FeedbackStore
+    from connectors.store import FEEDBACKS, PREDICTIONS, FeedbackStore
 
     slates = serve_batch(world, policy, None, rng, max(1, rows // policy.shown), STABLE)
     n = len(slates)
@@ -337,13 +337,8 @@ def write_history(store_root: Path, world: World, policy: SlatePolicy, rng: np.r
         "type": pa.array(["click"] * int(clicked.sum())),
     })
     store = FeedbackStore(store_root)
-    for kind, table in (("predictions", preds), ("feedback", fb)):
-        t = table.column("ts").cast(pa.int64()).to_numpy()
-        windows = t - t % 60_000
-        for seq, w in enumerate(np.unique(windows)):
-            path = store.segment_path(kind, int(w), "bootstrap", seq)
-            store.write(path, table.schema, [table.filter(pa.array(windows == w))])
-            store.publish(path)
+    store.write_windows(PREDICTIONS, preds, instance="bootstrap", window_ms=60_000)
+    store.write_windows(FEEDBACKS, fb, instance="bootstrap", window_ms=60_000)
     return start_ms, end_ms
 
 

@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 
 from connectors.registry import REFERENCE_PATH, REFERENCE_TAG, ModelRegistry, RegistryError
-from connectors.store import FeedbackStore
+from connectors.store import FEEDBACKS, PREDICTIONS, FeedbackStore
 from monitor.analysis import Reference
 from monitor.labels import LabelSummary
 from monitor.logs import setup_logging
@@ -153,8 +153,8 @@ def _finite(d: dict[str, float]) -> dict[str, float]:
 def _assemble(spec: JobSpec) -> tuple[pd.DataFrame, list[str], dict[str, Any]]:
     """Read, label and clean the window; returns the frame, its features, and what was done."""
     store = FeedbackStore(Path(spec.store))
-    preds = store.read_window(spec.predictions_topic, spec.data_start_ms, spec.data_end_ms)
-    fb = store.read_window(spec.feedback_topic, spec.data_start_ms,
+    preds = store.read_window(PREDICTIONS, spec.data_start_ms, spec.data_end_ms)
+    fb = store.read_window(FEEDBACKS, spec.data_start_ms,
                            spec.data_end_ms + spec.attribution_ms, columns=["prediction_id", "type", "ts"])
     if preds.num_rows and "model" in preds.column_names:
         import pyarrow.compute as pc

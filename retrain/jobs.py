@@ -28,11 +28,11 @@ import json
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from connectors.state import open_sqlite
 from retrain.launch import FINAL_STATES, JOB_STATES, JobHandle, JobStatus, Launcher, log_tail
 from retrain.policy import Decision
 from retrain.spec import JobSpec, Trigger
@@ -210,25 +210,7 @@ class SqliteJobStore:
     def __init__(self, path: Path, *, group_id: str = "driftloop") -> None:
         self.path = Path(path)
         self.group_id = group_id
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: transactions are ours (BEGIN IMMEDIATE takes the write
-        # lock up front, so two processes never deadlock upgrading read locks).
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
-                                   check_same_thread=False)
-        # FULL: a finished job that returned is on disk even across a power loss.
-        self._db.execute("PRAGMA synchronous=FULL")
-        # Switching a fresh file to WAL takes a lock that ignores the busy timeout; two
-        # processes opening it together see "database is locked" (connectors/state.py).
-        deadline = time.monotonic() + 30.0
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.executescript(_SCHEMA)
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self._db = open_sqlite(self.path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

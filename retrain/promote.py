@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from connectors.registry import RegistryError
+from connectors.state import open_sqlite
 from retrain.evaluate import REPORT_PATH, EvaluationReport, ModelMetrics
 
 __all__ = [
@@ -470,22 +471,7 @@ def _check_ttl(ttl_s: float) -> None:
 
 
 def _open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are ours), WAL, with ``schema``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
-    db.execute("PRAGMA synchronous=FULL")
-    # Switching a fresh file to WAL takes a lock that ignores the busy timeout; two
-    # processes opening it together see "database is locked" (as in retrain/jobs.py).
-    deadline = time.monotonic() + 30.0
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(schema)
-            return db
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    return open_sqlite(path, schema, timeout_s=10.0)
 
 
 _LOCK_SCHEMA = """

@@ -79,8 +79,6 @@ class JobSpec:
         data_start_ms, data_end_ms: the prediction window ``[start, end)`` read from the
             feedback store; every prediction in it has matured labels.
         store: the feedback store's root (a local path; an fsspec URL in production).
-        predictions_topic, feedback_topic: the store's directories of each kind (the
-            daemon stores each topic under its name).
         tracking_uri: the MLflow tracking server.
         label: the label type the model predicts (``click``).
         label_types: every label type the store's feedback may carry.
@@ -106,8 +104,6 @@ class JobSpec:
     store: str
     tracking_uri: str
     trigger: Trigger
-    predictions_topic: str = "predictions"
-    feedback_topic: str = "feedback"
     label: str = "click"
     label_types: tuple[str, ...] = ("click",)
     attribution_ms: int = 30 * 60_000

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from connectors.store import FeedbackStore
+from connectors.store import FEEDBACKS, PREDICTIONS, FeedbackStore
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00Z
 WINDOW_MS = 60_000
@@ -88,16 +88,6 @@ def write_store(root: Path, world: World, *, rows: int, start_ms: int = T0, span
         "ts": pa.array(ts[click] + delay[click], type=pa.timestamp("ms", tz="UTC")),
         "type": pa.array(["click"] * int(click.sum())),
     })
-    _write_windows(store, "predictions", preds, f"sim{seed}")
-    _write_windows(store, "feedback", fb, f"sim{seed}")
+    store.write_windows(PREDICTIONS, preds, instance=f"sim{seed}", window_ms=WINDOW_MS)
+    store.write_windows(FEEDBACKS, fb, instance=f"sim{seed}", window_ms=WINDOW_MS)
     return start_ms, start_ms + span_ms
-
-
-def _write_windows(store: FeedbackStore, kind: str, table: pa.Table, instance: str) -> None:
-    ts = table.column("ts").cast(pa.int64()).to_numpy()
-    windows = ts - ts % WINDOW_MS
-    for seq, w in enumerate(np.unique(windows)):
-        part = table.filter(pa.array(windows == w))
-        path = store.segment_path(kind, int(w), instance, seq)
-        store.write(path, part.schema, [part])
-        store.publish(path)

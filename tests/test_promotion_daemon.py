@@ -95,10 +95,14 @@ def test_a_better_challenger_is_promoted_then_a_live_regression_rolls_it_back(
     assert (CHAMPION, champion, challenger, "promote") in moves
     assert model not in c.status()["watches"]
 
-    # The watches survive a restart: a new controller on the same state resumes them.
+    # What the controller expects survives a restart: a new one on the same state knows
+    # the restored champion (and would resume a watch in progress).
     c2, _, state2, _ = make(tmp_path, mlflow_server)
     c2.start(state2)
-    c2.stop()
+    try:
+        assert c2.status()["champions"][model] == champion
+    finally:
+        c2.stop()
 
 
 def test_a_worse_challenger_is_kept_out_and_the_reason_is_recorded(
