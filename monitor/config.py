@@ -107,6 +107,21 @@ class StorageConfig(_Section):
     state_db: str | None = None
     #: Defaults to <data_dir>/store.
     store_dir: str | None = None
+    #: The state store as a URL: ``postgresql://user@host:5432/db`` for replicas on
+    #: several machines (docs/storage.md); unset: the SQLite file ``state_db``.
+    state_url: str | None = None
+    #: The feedback store as an fsspec URL (``s3://bucket/prefix``, ``file:///srv/store``);
+    #: unset: the local directory ``store_dir``.
+    store_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state_url is not None and not re.match(r"^postgres(ql)?(\+\w+)?://\S+$", self.state_url):
+            msg = (f"storage.state_url must be a postgresql:// URL, got {self.state_url!r} "
+                   "(for SQLite set storage.state_db instead)")
+            raise ValueError(msg)
+        if self.store_url is not None and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$", self.store_url):
+            msg = f"storage.store_url must be a URL such as s3://bucket/prefix, got {self.store_url!r}"
+            raise ValueError(msg)
 
     @property
     def state_path(self) -> Path:
@@ -119,6 +134,32 @@ class StorageConfig(_Section):
     @property
     def spill_path(self) -> Path:
         return Path(self.data_dir) / "spill"
+
+
+class ClusterConfig(_Section):
+    """Several replicas in one consumer group (docs/scale-out.md).
+
+    Every replica ingests its partitions and publishes per-window summaries; the one
+    holding the leader lock (a PostgreSQL advisory lock when the state store is on
+    PostgreSQL, a lease row in the shared SQLite file otherwise) merges them, decides
+    incidents, sends alerts and launches and promotes models.
+    """
+
+    enabled: bool = False
+    #: A leader that stops renewing (SIGKILL, a partition, a hung host) is replaced
+    #: within this many seconds.
+    leader_timeout_seconds: float = 10.0
+    #: How often a follower tries to become leader and the leader renews its lease.
+    poll_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("cluster.leader_timeout_seconds", self.leader_timeout_seconds)
+        _positive("cluster.poll_seconds", self.poll_seconds)
+        if self.poll_seconds * 2 > self.leader_timeout_seconds:
+            msg = (f"cluster.poll_seconds ({self.poll_seconds}) must be at most half of "
+                   f"cluster.leader_timeout_seconds ({self.leader_timeout_seconds}): the leader "
+                   "renews its lease at that interval")
+            raise ValueError(msg)
 
 
 class HttpConfig(_Section):
@@ -524,6 +565,7 @@ class Config(_Section):
     alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
     retrain: RetrainConfig = msgspec.field(default_factory=RetrainConfig)
     promotion: PromotionConfig = msgspec.field(default_factory=PromotionConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if self.retrain.enabled and not self.mlflow.tracking_uri:
