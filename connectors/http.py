@@ -3,24 +3,65 @@
 The standard library's threading server is enough for probes and a Prometheus
 scrape, and keeps a web framework out of the daemon. Handlers only call the
 callables they are given, which read snapshots; nothing here blocks ingestion.
+
+State-changing requests (every POST) can be tied to a bearer token
+(docs/security.md): the probes and a Prometheus scrape stay open unless asked.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["ControlServer"]
+__all__ = ["PROBES", "ControlServer", "bearer_header", "read_secret"]
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder(enc_hook=str)
 _decode = msgspec.json.Decoder()
+
+#: Never behind the token: kubelet probes carry no credentials.
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
+def read_secret(key: str, env: str | None, file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The secret named by ``<key>_env`` or ``<key>_file``, stripped; None when neither is set.
+
+    Read when the process wires itself, not when the config is parsed, so that
+    ``check-config`` never touches secrets and the messages name the key to fix.
+
+    Raises:
+        ValueError: the variable is unset or empty, or the file is unreadable or empty.
+    """
+    if env:
+        value = (environ.get(env) or "").strip()
+        if not value:
+            msg = f"{key}_env: environment variable {env} is not set or empty"
+            raise ValueError(msg)
+        return value
+    if file:
+        try:
+            value = Path(file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            msg = f"{key}_file: cannot read {file}: {exc.strerror}"
+            raise ValueError(msg) from None
+        if not value:
+            msg = f"{key}_file: {file} is empty"
+            raise ValueError(msg)
+        return value
+    return None
+
+
+def bearer_header(token: str | None) -> dict[str, str]:
+    """The request header a client sends to a server started with ``action_token``."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class ControlServer:
@@ -38,6 +79,10 @@ class ControlServer:
         actions: POST path -> handler of the JSON body (a dict); returns (status, JSON
             document). ``/retrain`` asks for a training run. Bodies over 64 KiB, and
             bodies that are not a JSON object, are refused with 400 before a handler runs.
+        action_token: when set, every POST needs ``Authorization: Bearer <token>``
+            and is refused with 401 otherwise, before its path or body is looked at.
+            An attribute of the same name may set it before `start`.
+        protect_reads: the token is needed on every GET too, except PROBES.
     """
 
     def __init__(
@@ -51,7 +96,12 @@ class ControlServer:
         registry: CollectorRegistry,
         pages: Mapping[str, Callable[[str], tuple[int, str, bytes]]] | None = None,
         actions: Mapping[str, Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]] | None = None,
+        action_token: str | None = None,
+        protect_reads: bool = False,
     ) -> None:
+        self.action_token = action_token
+        self.protect_reads = protect_reads
+        server = self
         routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/healthz": lambda: _probe(healthy()),
             "/readyz": lambda: _probe(ready()),
@@ -69,8 +119,42 @@ class ControlServer:
             return None
 
         class Handler(BaseHTTPRequestHandler):
+            def _authorized(self) -> bool:
+                """Checks the bearer token; answers 401 itself when it is missing or wrong."""
+                token = server.action_token
+                if not token:
+                    return True
+                scheme, _, given = (self.headers.get("Authorization") or "").strip().partition(" ")
+                if scheme.lower() == "bearer" and hmac.compare_digest(
+                        given.strip().encode(), token.encode()):
+                    return True
+                # The header's value is never logged: a near-miss is often the real token.
+                log.warning("HTTP request refused: missing or wrong bearer token", extra={"fields": {
+                    "method": self.command, "path": self.path.split("?", 1)[0],
+                    "client": self.client_address[0], "had_credentials": bool(given)}})
+                # Unread request bytes make the close a TCP reset, which can swallow the 401.
+                try:
+                    pending = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    pending = 0
+                if 0 < pending <= 65_536:
+                    self.rfile.read(pending)
+                challenge = 'Bearer realm="driftloop"' + (', error="invalid_token"' if given else "")
+                out = _json.encode({"error": "a valid bearer token is required"})
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", challenge)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(out)
+                self.close_connection = True
+                return False
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                if server.protect_reads and path not in PROBES and not self._authorized():
+                    return
                 route = routes.get(path) or page(path)
                 if route is None:
                     code, ctype, body = 404, "text/plain", b"not found\n"
@@ -92,6 +176,8 @@ class ControlServer:
                 self.wfile.write(body)
 
             def do_POST(self) -> None:
+                if not self._authorized():
+                    return
                 path = self.path.split("?", 1)[0]
                 action = posts.get(path)
                 length = int(self.headers.get("Content-Length") or 0)

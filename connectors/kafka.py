@@ -11,13 +11,18 @@ rebalance listeners on that thread, while the caller is blocked in ``poll()`` or
 blocking consumer API (``commit``, ``committed``, ``position``): the client refuses.
 That is why the daemon's listener checkpoints into the state store and leaves the
 Kafka commit for the next regular one.
+
+TLS and SASL (docs/security.md) reach every client through `client_security`, so a
+client added later cannot quietly connect in plaintext.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
@@ -25,13 +30,16 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from connectors.events import Reason
+from connectors.http import read_secret
 
 __all__ = [
     "DeadLetterError",
     "DeadLetterProducer",
     "KafkaError",
+    "KafkaSecurityError",
     "Listener",
     "TopicPartition",
+    "client_security",
     "commit_offsets",
     "make_consumer",
 ]
@@ -45,6 +53,103 @@ SOURCE_HEADER = "driftloop-source"
 
 class DeadLetterError(RuntimeError):
     """A rejected record could not be written to the dead-letter topic."""
+
+
+class KafkaSecurityError(KafkaError):  # type: ignore[misc]
+    """The brokers refused this client's login or TLS handshake.
+
+    A KafkaError, so callers that retry an unreachable broker retry this too (a
+    rotated password may arrive), but its message says what to fix instead of
+    kafka-python's "Unable to bootstrap".
+    """
+
+
+def client_security(settings: Any, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The kafka-python keyword arguments for the ``kafka`` section's TLS and SASL keys.
+
+    The same for consumers, producers and admin clients (their parameter names
+    agree in kafka-python 3). Secrets are read here, from ``environ`` (default: this
+    process's) or files.
+
+    Args:
+        settings: the ``kafka`` config section (monitor.config.KafkaConfig).
+
+    Raises:
+        ValueError: a password variable is unset or a password file unreadable; the
+            message names the config key.
+    """
+    environ = os.environ if environ is None else environ
+    proto = settings.security_protocol
+    out: dict[str, Any] = {"security_protocol": proto}
+    if proto in ("SSL", "SASL_SSL"):
+        out["ssl_check_hostname"] = settings.ssl_check_hostname
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(settings, key):
+                out[key] = getattr(settings, key)
+        key_password = read_secret("kafka.ssl_password", settings.ssl_password_env,
+                                   settings.ssl_password_file, environ)
+        if key_password is not None:
+            out["ssl_password"] = key_password
+    if proto.startswith("SASL_"):
+        out["sasl_mechanism"] = settings.sasl_mechanism
+        out["sasl_plain_username"] = settings.sasl_username
+        out["sasl_plain_password"] = read_secret("kafka.sasl_password", settings.sasl_password_env,
+                                                 settings.sasl_password_file, environ)
+    return out
+
+
+#: What kafka-python logs (and then hides behind a bootstrap timeout) when a broker
+#: refuses the client, and what the operator should look at.
+_REFUSALS = (
+    ("SaslAuthenticationFailedError", "the broker refused the SASL login"),
+    ("CERTIFICATE_VERIFY_FAILED", "the broker's TLS certificate did not verify"),
+    ("Handshake failed", "the TLS handshake failed"),
+    ("AuthorizationError", "the broker refused an operation to this principal"),
+)
+
+
+class _RefusalLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.first: tuple[str, str] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.first is not None:
+            return
+        with contextlib.suppress(Exception):
+            text = record.getMessage()
+            for needle, meaning in _REFUSALS:
+                if needle in text:
+                    self.first = (meaning, text)
+                    return
+
+
+@contextlib.contextmanager
+def explain_refusals(settings: Any) -> Iterator[None]:
+    """Turns a bootstrap timeout caused by a refused login or handshake into a KafkaSecurityError."""
+    handler = _RefusalLog()
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.addHandler(handler)
+    try:
+        yield
+    except KafkaError as exc:
+        if handler.first is None or isinstance(exc, KafkaSecurityError):
+            raise
+        meaning, detail = handler.first
+        if meaning == "the broker refused the SASL login":
+            where = (f"kafka.sasl_password_env ({settings.sasl_password_env})" if settings.sasl_password_env
+                     else f"kafka.sasl_password_file ({settings.sasl_password_file})")
+            hint = (f"check kafka.sasl_username ({settings.sasl_username!r}), kafka.sasl_mechanism "
+                    f"({settings.sasl_mechanism}) and the password in {where}")
+        elif meaning == "the broker refused an operation to this principal":
+            hint = "check the broker's ACLs for this principal"
+        else:
+            hint = (f"check kafka.ssl_cafile ({settings.ssl_cafile or 'the system CAs'}), the broker "
+                    "certificate's names and kafka.ssl_check_hostname")
+        msg = f"{meaning} at {settings.bootstrap_servers}: {hint} (client said: {detail[-300:]})"
+        raise KafkaSecurityError(msg) from exc
+    finally:
+        kafka_log.removeHandler(handler)
 
 
 class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -66,7 +171,7 @@ class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 def make_consumer(settings: Any, topics: Iterable[str], listener: Listener,
-                  instance: str) -> KafkaConsumer:
+                  instance: str, *, security: Mapping[str, Any] | None = None) -> KafkaConsumer:
     """A group consumer with manual commits, subscribed to ``topics``.
 
     Args:
@@ -75,10 +180,26 @@ def make_consumer(settings: Any, topics: Iterable[str], listener: Listener,
             is the ``group.instance.id``, so a restarted process takes its old
             partitions back at once instead of waiting out the session timeout of
             its dead predecessor and rebalancing everybody twice.
+        security: `client_security`'s result; None computes it from ``settings`` and
+            this process's environment.
+
+    Raises:
+        KafkaSecurityError: the brokers refused the login or the TLS handshake.
+        KafkaError: no broker answered within ``request_timeout_ms``.
     """
     static = {"group_instance_id": instance} if settings.static_membership else {}
-    consumer = KafkaConsumer(
+    if security is None:
+        security = client_security(settings)
+    with explain_refusals(settings):
+        consumer = _consumer(settings, static, security)
+    consumer.subscribe(topics=list(topics), listener=listener)
+    return consumer
+
+
+def _consumer(settings: Any, static: dict[str, str], security: Mapping[str, Any]) -> KafkaConsumer:
+    return KafkaConsumer(
         **static,
+        **security,
         bootstrap_servers=settings.bootstrap_servers.split(","),
         group_id=settings.group_id,
         client_id=settings.client_id,
@@ -95,9 +216,9 @@ def make_consumer(settings: Any, topics: Iterable[str], listener: Listener,
         reconnect_backoff_ms=settings.reconnect_backoff_ms,
         reconnect_backoff_max_ms=settings.reconnect_backoff_max_ms,
         request_timeout_ms=settings.request_timeout_ms,
+        # A refused login shows as a bootstrap timeout: no longer than a request.
+        bootstrap_timeout_ms=min(30_000, settings.request_timeout_ms),
     )
-    consumer.subscribe(topics=list(topics), listener=listener)
-    return consumer
 
 
 def commit_offsets(consumer: KafkaConsumer, offsets: dict[tuple[str, int], int],
@@ -124,7 +245,20 @@ class DeadLetterProducer:
     Args:
         bootstrap_servers: comma-separated broker list.
         topic: the dead-letter topic.
+        config: more KafkaProducer arguments, e.g. `client_security`'s result
+            (`for_settings` passes it).
     """
+
+    @classmethod
+    def for_settings(cls, settings: Any, environ: Mapping[str, str] | None = None,
+                     **kwargs: Any) -> DeadLetterProducer:
+        """The producer for a ``kafka`` config section, with its TLS and SASL settings.
+
+        Raises:
+            ValueError: a secret is missing (from `client_security`).
+        """
+        return cls(settings.bootstrap_servers, settings.dead_letter_topic, client_id=settings.client_id,
+                   **kwargs, **client_security(settings, environ))
 
     def __init__(self, bootstrap_servers: str, topic: str, *, client_id: str = "driftloop",
                  flush_timeout_s: float = 30.0, **config: Any) -> None:
@@ -143,6 +277,17 @@ class DeadLetterProducer:
             **config,
         )
         self._pending: list[Any] = []
+
+    def use_security(self, security: Mapping[str, Any]) -> None:
+        """Adds `client_security`'s arguments to a producer built without them.
+
+        Raises:
+            RuntimeError: the client exists already (it would keep its old settings).
+        """
+        if self._producer is not None:
+            msg = "use_security() after the dead-letter producer connected"
+            raise RuntimeError(msg)
+        self._config.update(security)
 
     def _client(self) -> KafkaProducer:
         # Created on first use: a daemon whose input is clean never opens it.

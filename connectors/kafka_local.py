@@ -17,6 +17,10 @@ Typical use::
 The shell script, not this module, owns the broker's configuration, so that
 ``kafka.sh start DIR`` in a terminal gives the demo exactly the broker the tests
 use.
+
+``LocalKafka(dir, security="sasl_ssl")`` starts a secured broker instead (SASL_SSL
+with SCRAM and PLAIN, plus an mTLS listener; a throwaway CA in ``DIR/secure``), for
+the tests of the clients' TLS and SASL settings; `SecureBroker` says how to reach it.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 __all__ = [
     "KAFKA_SH",
     "KafkaUnavailableError",
     "LocalKafka",
     "LocalKafkaError",
+    "SecureBroker",
     "create_topics",
     "fetch",
     "unique_topic_name",
@@ -113,6 +118,39 @@ def fetch(timeout_s: float = 600.0, env: Mapping[str, str] | None = None) -> Non
     _run_kafka_sh(["fetch"], timeout_s, env)
 
 
+@dataclass(frozen=True)
+class SecureBroker:
+    """How a client reaches a broker started with ``security="sasl_ssl"``.
+
+    Attributes:
+        bootstrap: the SASL_SSL listener (SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN).
+        mtls_bootstrap: an SSL listener that requires a client certificate.
+        ca_file: the PEM CA that signed the broker's certificate (for 127.0.0.1 and
+            localhost).
+        client_certfile, client_keyfile: a certificate for the mTLS listener.
+        username, password: the one SASL user, created when DIR was formatted.
+    """
+
+    bootstrap: str
+    mtls_bootstrap: str
+    ca_file: Path
+    client_certfile: Path
+    client_keyfile: Path
+    username: str
+    password: str
+
+    def client_config(self, mechanism: str = "SCRAM-SHA-512") -> dict[str, Any]:
+        """kafka-python arguments for the SASL_SSL listener."""
+        return {"security_protocol": "SASL_SSL", "ssl_cafile": str(self.ca_file),
+                "sasl_mechanism": mechanism, "sasl_plain_username": self.username,
+                "sasl_plain_password": self.password}
+
+    def mtls_config(self) -> dict[str, Any]:
+        """kafka-python arguments for the mTLS listener."""
+        return {"security_protocol": "SSL", "ssl_cafile": str(self.ca_file),
+                "ssl_certfile": str(self.client_certfile), "ssl_keyfile": str(self.client_keyfile)}
+
+
 @dataclass
 class LocalKafka:
     """One broker process whose configuration, data and logs live in ``data_dir``.
@@ -129,6 +167,8 @@ class LocalKafka:
             with broker settings a benchmark wants.
         stop_at_exit: Stop the broker when the interpreter exits, so that a
             crashed test session or demo leaves no broker behind.
+        security: ``sasl_ssl`` for a secured broker (`secure` after `start`); a
+            DIR keeps the mode it was first started with.
     """
 
     data_dir: Path
@@ -136,10 +176,36 @@ class LocalKafka:
     start_timeout_s: float = 600.0
     env: Mapping[str, str] | None = None
     stop_at_exit: bool = True
+    security: Literal["plaintext", "sasl_ssl"] = "plaintext"
     _bootstrap: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
+
+    @property
+    def _env(self) -> dict[str, str]:
+        # Explicit, so a DRIFTLOOP_KAFKA_SECURITY in the caller's environment never
+        # turns a plaintext broker into a secured one.
+        return {**(self.env or {}), "DRIFTLOOP_KAFKA_SECURITY": self.security}
+
+    @property
+    def secure(self) -> SecureBroker:
+        """Addresses, CA and credentials of a started ``sasl_ssl`` broker.
+
+        Raises:
+            LocalKafkaError: the broker is not running, or is a plaintext one.
+        """
+        bootstrap = self.bootstrap
+        if self.security != "sasl_ssl":
+            msg = f"the broker in {self.data_dir} is a plaintext one: LocalKafka(security='sasl_ssl')"
+            raise LocalKafkaError(msg)
+        sec = self.data_dir / "secure"
+        return SecureBroker(
+            bootstrap=bootstrap,
+            mtls_bootstrap=(sec / "mtls.bootstrap").read_text().strip(),
+            ca_file=sec / "ca.pem", client_certfile=sec / "client.pem", client_keyfile=sec / "client.key",
+            username=(sec / "sasl.username").read_text().strip(),
+            password=(sec / "sasl.password").read_text().strip())
 
     @property
     def bootstrap(self) -> str:
@@ -169,7 +235,7 @@ class LocalKafka:
         args = ["start", str(self.data_dir)]
         if self.port is not None:
             args.append(str(self.port))
-        out = _run_kafka_sh(args, self.start_timeout_s, self.env)
+        out = _run_kafka_sh(args, self.start_timeout_s, self._env)
         lines = out.strip().splitlines()
         bootstrap = lines[-1].strip() if lines else ""
         host, _, port = bootstrap.rpartition(":")
@@ -191,7 +257,7 @@ class LocalKafka:
         Raises:
             LocalKafkaError: kafka.sh could not stop it.
         """
-        _run_kafka_sh(["stop", str(self.data_dir)], 120.0, self.env)
+        _run_kafka_sh(["stop", str(self.data_dir)], 120.0, self._env)
         self._bootstrap = None
         atexit.unregister(self._stop_quietly)
 
@@ -217,7 +283,7 @@ class LocalKafka:
     def is_running(self) -> bool:
         """Whether the broker process of ``data_dir`` is alive (per its pid file)."""
         try:
-            _run_kafka_sh(["status", str(self.data_dir)], 30.0, self.env)
+            _run_kafka_sh(["status", str(self.data_dir)], 30.0, self._env)
         except LocalKafkaError:
             return False
         return True
@@ -250,6 +316,7 @@ def create_topics(
     *,
     configs: Mapping[str, str] | None = None,
     timeout_s: float = 30.0,
+    client_config: Mapping[str, Any] | None = None,
 ) -> None:
     """Creates topics (replication factor 1) and waits until every partition has a leader.
 
@@ -264,6 +331,8 @@ def create_topics(
         configs: Topic-level settings applied to every new topic
             (e.g. ``{"retention.ms": "-1"}``).
         timeout_s: Bound on the creation and on the wait for leaders.
+        client_config: More KafkaAdminClient arguments (TLS and SASL for a secured
+            broker, e.g. ``SecureBroker.client_config()``).
 
     Raises:
         LocalKafkaError: The broker refused a topic for a reason other than
@@ -289,6 +358,7 @@ def create_topics(
         bootstrap_servers=bootstrap,
         client_id="driftloop-create-topics",
         request_timeout_ms=timeout_ms,
+        **dict(client_config or {}),
     )
     try:
         result = admin.create_topics(spec, timeout_ms=timeout_ms, raise_errors=False)
@@ -310,11 +380,12 @@ def create_topics(
         admin.close()
 
 
-def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+def committed_offsets(bootstrap: str, group: str, topic: str, *,
+                      client_config: Mapping[str, Any] | None = None) -> dict[int, int]:
     """The offsets ``group`` has committed on ``topic``, by partition (tests, benchmarks)."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **dict(client_config or {}))
     try:
         offsets = admin.list_group_offsets({group: None}).get(group, {})
     finally:

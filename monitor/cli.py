@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import signal
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
 from monitor.config import Config, ConfigError, load_config
 
@@ -63,6 +65,7 @@ def _aliases(config: Config, args: argparse.Namespace) -> int:
         print("driftloop: mlflow.tracking_uri is not set: there is no registry to move aliases in",
               file=sys.stderr)
         return EXIT_CONFIG
+    _mlflow_credentials(config)
     registry = ModelRegistry(config.mlflow.tracking_uri, timeout_s=config.mlflow.request_timeout_seconds,
                              max_retries=config.mlflow.max_retries)
     who = getpass.getuser()
@@ -109,6 +112,81 @@ def _daemon_url(config: Config, path: str) -> str:
     return f"http://{host}:{config.http.port}{path}"
 
 
+def _config_error(message: str) -> SystemExit:
+    print(f"driftloop: {message}", file=sys.stderr)
+    return SystemExit(EXIT_CONFIG)
+
+
+def _mlflow_credentials(config: Config) -> None:
+    """MLflow's client and the jobs launched from here authenticate with the configured secret."""
+    from connectors.mlflow_auth import apply_credentials
+
+    try:
+        apply_credentials(config.mlflow, os.environ)
+    except ValueError as exc:
+        raise _config_error(str(exc)) from None
+
+
+def _http_token(config: Config) -> str | None:
+    from connectors.http import read_secret
+
+    try:
+        return read_secret("http.token", config.http.token_env, config.http.token_file, os.environ)
+    except ValueError as exc:
+        raise _config_error(str(exc)) from None
+
+
+def _call_daemon(config: Config, path: str, body: dict[str, Any] | None = None) -> int:
+    """GET (no body) or POST ``path`` on the running daemon and print its JSON answer."""
+    from connectors.http import bearer_header
+
+    url = _daemon_url(config, path)
+    headers = bearer_header(_http_token(config))
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            print(json.dumps(json.load(resp), indent=2))
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        if exc.code == 401:
+            detail += (" (set http.token_env or http.token_file to the daemon's token)" if not headers.get(
+                "Authorization") else " (the token from http.token_env/token_file is not the daemon's)")
+        print(f"driftloop: the daemon refused: {exc.code} {detail}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"driftloop: no daemon answering at {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _secure_daemon(config: Config) -> Any:
+    """Reads every secret the daemon needs before it starts; returns its ``on_ready`` hook.
+
+    A missing variable or unreadable file is a configuration error (exit 2) here,
+    not a crash in the main loop at the first Kafka connection.
+    """
+    from connectors.kafka import client_security
+
+    try:
+        kafka_security = client_security(config.kafka, os.environ)
+    except ValueError as exc:
+        raise _config_error(str(exc)) from None
+    token = _http_token(config)
+    _mlflow_credentials(config)
+
+    def on_ready(daemon: Any) -> None:
+        # Before run(): the server does not serve and the producer has not connected yet.
+        daemon.http.action_token = token
+        daemon.http.protect_reads = config.http.protect_reads
+        daemon.dead_letters.use_security(kafka_security)
+
+    return on_ready
+
+
 def _load(path: str | None) -> Config:
     try:
         return load_config(path)
@@ -130,31 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "retrain":
         import getpass
 
-        url = _daemon_url(config, "/retrain")
-        body = json.dumps({"model": args.model, "reason": args.reason,
-                           "who": args.who or getpass.getuser()}).encode()
-        req = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                print(json.dumps(json.load(resp), indent=2))
-        except urllib.error.HTTPError as exc:
-            print(f"driftloop: the daemon refused: {exc.code} {exc.read().decode(errors='replace')}",
-                  file=sys.stderr)
-            return 1
-        except (urllib.error.URLError, OSError) as exc:
-            print(f"driftloop: no daemon answering at {url}: {exc}", file=sys.stderr)
-            return 1
-        return 0
+        return _call_daemon(config, "/retrain", {"model": args.model, "reason": args.reason,
+                                                 "who": args.who or getpass.getuser()})
     if args.command == "status":
-        url = _daemon_url(config, "/status")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                print(json.dumps(json.load(resp), indent=2))
-        except (urllib.error.URLError, OSError) as exc:
-            print(f"driftloop: no daemon answering at {url}: {exc}", file=sys.stderr)
-            return 1
-        return 0
+        return _call_daemon(config, "/status")
+    on_ready = _secure_daemon(config)
     from monitor.daemon import run_daemon
     from monitor.logs import setup_logging
 
@@ -163,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # look at when a daemon seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        return run_daemon(config)
+        return run_daemon(config, on_ready=on_ready)
     except ConfigError as exc:  # settings only checkable when wiring (secrets in the environment)
         print(f"driftloop: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -8,6 +8,7 @@ silently ignored for weeks. ``docs/configuration.md`` lists every key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -38,6 +39,45 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(msg)
 
 
+def _secret_source(owner: Any, section: str, key: str, *, required: bool = False) -> bool:
+    """At most one of ``<key>_env``/``<key>_file`` (exactly one when ``required``).
+
+    Secrets never sit in the config file itself: it is copied, diffed and printed by
+    ``check-config``. A named file must exist now, so a wrong mount fails at start-up
+    with its key instead of at the first connection.
+    """
+    env, file = getattr(owner, f"{key}_env"), getattr(owner, f"{key}_file")
+    if env and file:
+        msg = f"{section}.{key}_env and {section}.{key}_file are both set: give one"
+        raise ValueError(msg)
+    if required and not (env or file):
+        msg = f"{section}.{key}_env or {section}.{key}_file is required"
+        raise ValueError(msg)
+    if file:
+        _existing_file(f"{section}.{key}_file", file)
+    return bool(env or file)
+
+
+def _existing_file(key: str, path: str) -> None:
+    if not Path(path).is_file():
+        msg = f"{key}: {path} does not exist or is not a file"
+        raise ValueError(msg)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a server on this machine.
+
+    A host name other than ``localhost`` may resolve to anything, so it counts as
+    reachable from elsewhere.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class KafkaConfig(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "driftloop"
@@ -61,7 +101,25 @@ class KafkaConfig(_Section):
     max_poll_interval_ms: int = 300_000
     reconnect_backoff_ms: int = 100
     reconnect_backoff_max_ms: int = 10_000
+    #: Also bounds the wait for the first connection, where a refused login shows.
     request_timeout_ms: int = 30_000
+    #: Security of every client (consumer, dead-letter producer, admin); docs/security.md.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    #: The SASL password: a variable holding it, or a file (a mounted Secret).
+    sasl_password_env: str | None = None
+    sasl_password_file: str | None = None
+    #: PEM CA bundle that signed the brokers' certificates; unset: the system's CAs.
+    ssl_cafile: str | None = None
+    #: Client certificate and key (PEM) for brokers that require mTLS.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    #: The password of an encrypted ssl_keyfile.
+    ssl_password_env: str | None = None
+    ssl_password_file: str | None = None
+    #: Off only for brokers whose certificates lack their address (never in production).
+    ssl_check_hostname: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_poll_records", "fetch_max_wait_ms", "max_message_bytes",
@@ -69,6 +127,50 @@ class KafkaConfig(_Section):
             _positive(f"kafka.{name}", getattr(self, name))
         if len({self.predictions_topic, self.feedback_topic, self.dead_letter_topic}) != 3:
             msg = "kafka.predictions_topic, feedback_topic and dead_letter_topic must differ"
+            raise ValueError(msg)
+        self._check_security()
+
+    def _check_security(self) -> None:
+        proto = self.security_protocol
+        sasl = proto.startswith("SASL_")
+        tls = proto in ("SSL", "SASL_SSL")
+        password = _secret_source(self, "kafka", "sasl_password")
+        if sasl:
+            if self.sasl_mechanism is None:
+                msg = (f"kafka.sasl_mechanism is required with kafka.security_protocol {proto} "
+                       "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+                raise ValueError(msg)
+            if not self.sasl_username:
+                msg = f"kafka.sasl_username is required with kafka.sasl_mechanism {self.sasl_mechanism}"
+                raise ValueError(msg)
+            if not password:
+                msg = (f"kafka.sasl_password_env or kafka.sasl_password_file is required with "
+                       f"kafka.sasl_mechanism {self.sasl_mechanism} (the password never goes in the file)")
+                raise ValueError(msg)
+        else:
+            given = [k for k in ("sasl_mechanism", "sasl_username", "sasl_password_env",
+                                 "sasl_password_file") if getattr(self, k)]
+            if given:
+                msg = (f"kafka.{given[0]} is set but kafka.security_protocol is {proto}: "
+                       "SASL needs SASL_SSL (or SASL_PLAINTEXT)")
+                raise ValueError(msg)
+        ssl_keys = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password_env", "ssl_password_file")
+        if not tls:
+            given = [k for k in ssl_keys if getattr(self, k)]
+            if given:
+                msg = (f"kafka.{given[0]} is set but kafka.security_protocol is {proto}: "
+                       "TLS needs SSL or SASL_SSL")
+                raise ValueError(msg)
+            return
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, key)
+            if path:
+                _existing_file(f"kafka.{key}", path)
+        if self.ssl_keyfile and not self.ssl_certfile:
+            msg = "kafka.ssl_keyfile needs kafka.ssl_certfile (the client certificate it belongs to)"
+            raise ValueError(msg)
+        if _secret_source(self, "kafka", "ssl_password") and not self.ssl_certfile:
+            msg = "kafka.ssl_password_env/ssl_password_file is set but kafka.ssl_certfile is not"
             raise ValueError(msg)
 
 
@@ -167,6 +269,30 @@ class HttpConfig(_Section):
     host: str = "127.0.0.1"
     #: 0 picks a free port (tests); the chosen port is logged and in /status.
     port: int = 8080
+    #: The bearer token every POST (``/retrain``, ...) must carry: a variable holding
+    #: it, or a file. Required when host is not loopback (docs/security.md).
+    token_env: str | None = None
+    token_file: str | None = None
+    #: The explicit opt-out for a non-loopback host without a token (an authenticating
+    #: proxy in front, say): anyone who reaches the port may start training runs.
+    allow_unauthenticated_actions: bool = False
+    #: Also require the token on /metrics, /status and /incidents (never on the probes
+    #: /healthz and /readyz). Report links in alerts then need a proxy that adds it.
+    protect_reads: bool = False
+
+    def __post_init__(self) -> None:
+        token = _secret_source(self, "http", "token")
+        if token and self.allow_unauthenticated_actions:
+            msg = "http.allow_unauthenticated_actions is true but a token is set (http.token_env/token_file)"
+            raise ValueError(msg)
+        if self.protect_reads and not token:
+            msg = "http.protect_reads needs http.token_env or http.token_file"
+            raise ValueError(msg)
+        if not token and not self.allow_unauthenticated_actions and not is_loopback(self.host):
+            msg = (f"http.token_env (or http.token_file) is required when http.host is {self.host!r}, "
+                   "not loopback: otherwise anyone who reaches the port can start training runs "
+                   "(set http.allow_unauthenticated_actions: true to accept that)")
+            raise ValueError(msg)
 
 
 class DriftConfig(_Section):
@@ -406,12 +532,37 @@ class MlflowConfig(_Section):
     #: analysis retries a failed reference lookup on its next window anyway.
     request_timeout_seconds: int = 10
     max_retries: int = 2
+    #: A bearer token for the tracking server (MLFLOW_TRACKING_TOKEN), from a variable
+    #: or a file; or basic auth from username_* and password_* (docs/security.md).
+    token_env: str | None = None
+    token_file: str | None = None
+    username_env: str | None = None
+    username_file: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    #: PEM CA bundle for a tracking server behind a private CA.
+    ca_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.tracking_uri is not None and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$",
                                                           self.tracking_uri):
             msg = f"mlflow.tracking_uri must be a URI such as http://mlflow:5000, got {self.tracking_uri!r}"
             raise ValueError(msg)
+        token = _secret_source(self, "mlflow", "token")
+        user = _secret_source(self, "mlflow", "username")
+        password = _secret_source(self, "mlflow", "password")
+        if token and (user or password):
+            msg = "mlflow.token_env/token_file and mlflow.username_*/password_* are both set: give one"
+            raise ValueError(msg)
+        if user != password:
+            missing = "mlflow.password_env/password_file" if user else "mlflow.username_env/username_file"
+            msg = f"{missing} is required: basic auth needs both a username and a password"
+            raise ValueError(msg)
+        if (token or user) and self.tracking_uri is None:
+            msg = "mlflow credentials are set but mlflow.tracking_uri is not"
+            raise ValueError(msg)
+        if self.ca_file:
+            _existing_file("mlflow.ca_file", self.ca_file)
         _positive("mlflow.request_timeout_seconds", self.request_timeout_seconds)
         if self.max_retries < 0:
             msg = f"mlflow.max_retries must be >= 0, got {self.max_retries}"

@@ -10,6 +10,9 @@ test module). Fixtures:
   stop or restart the broker under the daemon.
 * ``topic_factory`` (function): creates fresh uuid-named topics on the session
   broker, so that tests sharing it never read each other's records.
+* ``secure_kafka`` (session): a second broker, secured (SASL_SSL with SCRAM and
+  PLAIN, an mTLS listener, a throwaway CA): a :class:`SecureBroker`. Always started
+  here, whatever ``DRIFTLOOP_TEST_BOOTSTRAP`` says; it also needs openssl.
 
 Where java (or, before the first fetch, mvn) is missing, the tests that use
 these fixtures are skipped, except under ``CI=true``, where they fail: CI must
@@ -31,11 +34,12 @@ import pytest
 from connectors.kafka_local import (
     KafkaUnavailableError,
     LocalKafka,
+    SecureBroker,
     create_topics,
     unique_topic_name,
 )
 
-KAFKA_FIXTURES = frozenset({"kafka_bootstrap", "kafka_broker", "topic_factory"})
+KAFKA_FIXTURES = frozenset({"kafka_bootstrap", "kafka_broker", "topic_factory", "secure_kafka"})
 
 #: make_topic(partitions=1, *, prefix="t", configs=None) -> topic name
 TopicFactory = Callable[..., str]
@@ -124,3 +128,18 @@ def topic_factory(kafka_bootstrap: str) -> Iterator[TopicFactory]:
                 admin.delete_topics(created, timeout_ms=10_000, raise_errors=False)
             finally:
                 admin.close()
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    """A started SASL_SSL broker of the session (its own, next to ``kafka_bootstrap``'s).
+
+    Separate from the plaintext broker because a DIR keeps the security it was
+    formatted with, and the plaintext tests must keep their plaintext broker.
+    """
+    kafka = LocalKafka(tmp_path_factory.mktemp("kafka-secure"), security="sasl_ssl")
+    _start(kafka)
+    try:
+        yield kafka.secure
+    finally:
+        kafka.stop()

@@ -8,7 +8,11 @@
 #   kafka.sh stop DIR             SIGTERM, up to DRIFTLOOP_KAFKA_STOP_TIMEOUT s, then SIGKILL
 #   kafka.sh status DIR           "running pid=N bootstrap=..." (exit 0) or "stopped" (exit 3)
 #
-# Exit codes: 0 ok, 1 failure, 2 usage, 3 status: stopped, 4 java or mvn missing.
+# Exit codes: 0 ok, 1 failure, 2 usage, 3 status: stopped, 4 java, mvn or openssl missing.
+#
+# DRIFTLOOP_KAFKA_SECURITY=sasl_ssl starts a secured broker instead: clients get a
+# SASL_SSL listener (SCRAM-SHA-256, SCRAM-SHA-512, PLAIN) and an mTLS listener, with
+# a throwaway CA, keys and credentials in DIR/secure (see README.md here).
 #
 # Only the bootstrap address goes to stdout; progress and errors go to stderr,
 # so callers can do `bootstrap=$(kafka.sh start DIR)`. See README.md here for the
@@ -31,6 +35,7 @@ JVM_OPTS=${DRIFTLOOP_KAFKA_JVM_OPTS:--XX:+UseSerialGC -XX:-UsePerfData -Djava.aw
 CDS=${DRIFTLOOP_KAFKA_CDS:-1}
 START_TIMEOUT=${DRIFTLOOP_KAFKA_START_TIMEOUT:-90}
 STOP_TIMEOUT=${DRIFTLOOP_KAFKA_STOP_TIMEOUT:-30}
+SECURITY=${DRIFTLOOP_KAFKA_SECURITY:-plaintext}
 
 die() { echo "kafka.sh: $*" >&2; exit 1; }
 note() { echo "kafka.sh: $*" >&2; }
@@ -140,8 +145,10 @@ ensure_cds() {
     note "training run for the class-data archive (once per JVM)..."
     scratch=$(mktemp -d "${TMPDIR:-/tmp}/driftloop-kafka-cds.XXXXXX")
     tmp=$archive.tmp.$$
-    if _DRIFTLOOP_CDS_DUMP=$tmp "${BASH_SOURCE[0]}" start "$scratch" >/dev/null 2>"$JARS_PARENT/cds/training.log"; then
-      _DRIFTLOOP_CDS_DUMP=$tmp "${BASH_SOURCE[0]}" stop "$scratch" 2>>"$JARS_PARENT/cds/training.log" || true
+    if DRIFTLOOP_KAFKA_SECURITY=plaintext _DRIFTLOOP_CDS_DUMP=$tmp "${BASH_SOURCE[0]}" start "$scratch" \
+        >/dev/null 2>"$JARS_PARENT/cds/training.log"; then
+      DRIFTLOOP_KAFKA_SECURITY=plaintext _DRIFTLOOP_CDS_DUMP=$tmp "${BASH_SOURCE[0]}" stop "$scratch" \
+        2>>"$JARS_PARENT/cds/training.log" || true
     fi
     cat "$scratch/logs/kafka.out" >>"$JARS_PARENT/cds/training.log" 2>/dev/null || true
     rm -rf "$scratch"
@@ -191,6 +198,15 @@ free_port() {
     port_in_use "$p" || { echo "$p"; return 0; }
   done
   die "found no free port in $lo-$hi"
+}
+
+# A free port that is none of the given ones (which are chosen but not bound yet).
+free_port_except() {
+  local p
+  while :; do
+    p=$(free_port)
+    [[ " $* " == *" $p "* ]] || { echo "$p"; return 0; }
+  done
 }
 
 # ------------------------------------------------------------ processes ----
@@ -245,10 +261,95 @@ broker_ready() {
   (( (b[12] << 24 | b[13] << 16 | b[14] << 8 | b[15]) >= 1 ))
 }
 
+# ------------------------------------------------------------- security ----
+
+# The throwaway PKI and credentials of a secured broker, made once per DIR so that a
+# restart keeps them (clients hold the CA and the password): a CA, the broker's
+# certificate for 127.0.0.1 and localhost in a PKCS12 keystore, a client certificate
+# for the mTLS listener, and the SASL user's password. Fit for a test on loopback only.
+ensure_secure_material() {
+  local dir=$1 sec=$1/secure store_pass log
+  [[ -f "$sec/.complete" ]] && return 0
+  command -v openssl >/dev/null 2>&1 ||
+    missing "openssl not found: DRIFTLOOP_KAFKA_SECURITY=sasl_ssl needs it (apt-get install openssl)"
+  rm -rf "$sec"
+  mkdir -p "$sec"
+  chmod 700 "$sec"
+  log=$dir/logs/openssl.log
+  store_pass=$(openssl rand -hex 16)
+  (
+    set -e
+    cd "$sec"
+    openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 30 -subj "/CN=driftloop-test-ca" \
+      -keyout ca.key -out ca.pem
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >broker.ext
+    openssl req -newkey rsa:2048 -nodes -sha256 -subj "/CN=localhost" -keyout broker.key -out broker.csr
+    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 -sha256 \
+      -extfile broker.ext -out broker.pem
+    openssl pkcs12 -export -in broker.pem -inkey broker.key -certfile ca.pem -name broker \
+      -passout "pass:$store_pass" -out broker.p12
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    openssl req -newkey rsa:2048 -nodes -sha256 -subj "/CN=driftloop-client" -keyout client.key \
+      -out client.csr
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 -sha256 \
+      -extfile client.ext -out client.pem
+    rm -f broker.csr client.csr broker.ext client.ext ca.srl
+  ) >"$log" 2>&1 || { cat "$log" >&2; die "generating the test PKI in $sec failed (log: $log)"; }
+  echo "$store_pass" >"$sec/keystore.password"
+  echo "driftloop" >"$sec/sasl.username"
+  openssl rand -hex 16 >"$sec/sasl.password"
+  chmod 600 "$sec"/*
+  : >"$sec/.complete"
+}
+
+# Clients reach a secured broker on SASL_SSL (PORT) or mTLS (MPORT) only. The broker
+# talks to itself, and `start` asks it whether it is ready, on an INTERNAL plaintext
+# listener on loopback that no client is given: the bash probe cannot speak TLS.
+secure_listeners() {
+  local port=$2 cport=$3 iport=$4 mport=$5 sec=$1/secure user password
+  user=$(cat "$sec/sasl.username")
+  password=$(cat "$sec/sasl.password")
+  cat <<EOF
+listeners=SASL_SSL://127.0.0.1:$port,MTLS://127.0.0.1:$mport,INTERNAL://127.0.0.1:$iport,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=SASL_SSL://127.0.0.1:$port,MTLS://127.0.0.1:$mport,INTERNAL://127.0.0.1:$iport
+listener.security.protocol.map=SASL_SSL:SASL_SSL,MTLS:SSL,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=INTERNAL
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$sec/broker.p12
+ssl.keystore.password=$(cat "$sec/keystore.password")
+ssl.truststore.type=PEM
+ssl.truststore.location=$sec/ca.pem
+listener.name.mtls.ssl.client.auth=required
+sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$user="$password";
+EOF
+}
+
+# The SCRAM credentials go into the metadata log when DIR is formatted: a KRaft
+# broker authenticates SCRAM clients from its first start, with no admin call.
+scram_args() {
+  local sec=$1/secure user password m
+  user=$(cat "$sec/sasl.username")
+  password=$(cat "$sec/sasl.password")
+  for m in SCRAM-SHA-256 SCRAM-SHA-512; do
+    printf '%s\n' --add-scram "$m=[name=$user,password=$password]"
+  done
+}
+
 # ------------------------------------------------------------- configs ----
 
 write_server_properties() {
-  local dir=$1 port=$2 cport=$3
+  local dir=$1 port=$2 cport=$3 iport=${4:-} mport=${5:-} listeners
+  if [[ "$SECURITY" == sasl_ssl ]]; then
+    listeners=$(secure_listeners "$dir" "$port" "$cport" "$iport" "$mport")
+  else
+    listeners="listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT"
+  fi
   cat >"$dir/server.properties" <<EOF
 # Written by deploy/kafka/kafka.sh on every start: change kafka.sh or set
 # DRIFTLOOP_KAFKA_PROPS instead of editing this file.
@@ -256,10 +357,7 @@ process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+$listeners
 log.dirs=$dir/data
 
 # One node: every internal topic with replication factor 1.
@@ -341,6 +439,8 @@ cmd_start() {
   local dir port="${2:-}" cport="" pid
   dir=$(abspath "$1")
   [[ -z "$port" || "$port" =~ ^[0-9]+$ ]] || die "PORT must be a number, got '$port'"
+  [[ "$SECURITY" == plaintext || "$SECURITY" == sasl_ssl ]] ||
+    die "DRIFTLOOP_KAFKA_SECURITY must be plaintext or sasl_ssl, got '$SECURITY'"
   find_java
   cmd_fetch
   mkdir -p "$dir/logs" "$dir/data"
@@ -380,7 +480,32 @@ cmd_start() {
     cport=$(free_port "$port")
   fi
 
-  write_server_properties "$dir" "$port" "$cport"
+  # A DIR is formatted for one mode: the SCRAM users exist only if it was secured then.
+  local mode_file=$dir/formatted-security
+  if [[ -f "$dir/data/meta.properties" ]]; then
+    local formatted
+    formatted=$(cat "$mode_file" 2>/dev/null || echo plaintext)
+    [[ "$formatted" == "$SECURITY" ]] ||
+      die "$dir was formatted for DRIFTLOOP_KAFKA_SECURITY=$formatted, not $SECURITY: use another DIR"
+  fi
+  local iport="" mport="" probe_port=$port
+  if [[ "$SECURITY" == sasl_ssl ]]; then
+    ensure_secure_material "$dir"
+    if [[ -f "$dir/server.properties" ]]; then
+      iport=$(sed -n 's/^listeners=.*INTERNAL:\/\/127\.0\.0\.1:\([0-9]*\).*$/\1/p' "$dir/server.properties")
+      mport=$(sed -n 's/^listeners=.*MTLS:\/\/127\.0\.0\.1:\([0-9]*\).*$/\1/p' "$dir/server.properties")
+    fi
+    if [[ -z "$iport" || " $port $cport " == *" $iport "* ]] || port_in_use "$iport"; then
+      iport=$(free_port_except "$port" "$cport")
+    fi
+    if [[ -z "$mport" || " $port $cport $iport " == *" $mport "* ]] || port_in_use "$mport"; then
+      mport=$(free_port_except "$port" "$cport" "$iport")
+    fi
+    echo "127.0.0.1:$mport" >"$dir/secure/mtls.bootstrap"
+    probe_port=$iport
+  fi
+
+  write_server_properties "$dir" "$port" "$cport" "$iport" "$mport"
   write_log4j2 "$dir"
   echo "127.0.0.1:$port" >"$dir/bootstrap"
 
@@ -395,13 +520,16 @@ cmd_start() {
     # broker's class-data archive but never writes one.
     local tool_cds=""
     [[ -n "${_DRIFTLOOP_CDS_DUMP:-}" ]] || tool_cds=$(cds_opts)
+    local scram=()
+    [[ "$SECURITY" == sasl_ssl ]] && mapfile -t scram < <(scram_args "$dir")
     # shellcheck disable=SC2086
     if ! "$JAVA" -Xmx256m -XX:TieredStopAtLevel=1 $JVM_OPTS $tool_cds "${log_opts[@]}" -cp "$JARS/*" \
         kafka.tools.StorageTool format --cluster-id "$cid" --config "$dir/server.properties" \
-        >"$dir/logs/format.log" 2>&1; then
+        "${scram[@]}" >"$dir/logs/format.log" 2>&1; then
       cat "$dir/logs/format.log" >&2
       die "formatting $dir/data failed"
     fi
+    echo "$SECURITY" >"$mode_file"
   fi
 
   # Not our child once this script exits; SIGHUP ignored so that closing the
@@ -415,12 +543,12 @@ cmd_start() {
   echo "$pid" >"$dir/kafka.pid"
 
   local t0=$SECONDS
-  until broker_ready "$port" 2>/dev/null; do
+  until broker_ready "$probe_port" 2>/dev/null; do
     if ! alive "$pid"; then
       rm -f "$dir/kafka.pid"
       log_tail "$dir"
       if (( auto_port )) && grep -q 'BindException\|Address already in use' "$dir/logs/kafka.out" "$dir/logs/server.log" 2>/dev/null; then
-        die "the broker lost a race for port $port or $cport: run start again"
+        die "the broker lost a race for port $port or $cport${iport:+, $iport, $mport}: run start again"
       fi
       die "the broker exited during startup (logs in $dir/logs)"
     fi
