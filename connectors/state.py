@@ -1,4 +1,4 @@
-"""The state store: where ingestion progress becomes durable (SQLite by default).
+"""The state store: where ingestion progress becomes durable (SQLite, or PostgreSQL).
 
 Kafka's committed offsets are not the source of truth: they cannot be written in the
 same transaction as the data they cover. The ``positions`` table is. One checkpoint is
@@ -8,22 +8,33 @@ finished windows were written to. Kafka offsets are committed afterwards as a co
 (for lag tooling and for a first start without state).
 
 Two processes may share the store (one consumer group, one machine; PostgreSQL takes
-this role across machines, see docs/delivery.md). Positions are advanced by
+this role across machines: connectors/state_pg.py, docs/storage.md). Positions are advanced by
 compare-and-set: a checkpoint names the offset it started from, and if another process
 moved that partition in the meantime, the whole checkpoint is refused with
 `PositionConflict` and its files are discarded. That is what keeps a zombie consumer,
 one that has lost its partitions without noticing, from writing a duplicate.
+
+Both backends run the same statements (written with ``?`` placeholders and the upsert
+syntax SQLite and PostgreSQL share); what differs, the schema's types, how a
+transaction begins and how concurrent writers are serialised, is in the small
+connection classes (`_SqliteConnection` here, ``_PostgresConnection`` there).
+`open_state_store` picks one from the configuration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import re
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 __all__ = [
+    "CommitOutcomeUnknown",
     "IncidentRow",
     "MonitorCommit",
     "OutboxRow",
@@ -31,9 +42,12 @@ __all__ = [
     "PositionUpdate",
     "SegmentRecord",
     "SpillRecord",
+    "StateLocation",
     "StateStore",
+    "StateStoreUnavailable",
     "StoredPosition",
     "open_sqlite",
+    "open_state_store",
 ]
 
 _SCHEMA = """
@@ -120,6 +134,29 @@ CREATE INDEX IF NOT EXISTS alert_outbox_pending ON alert_outbox (group_id, sink,
 
 class PositionConflict(RuntimeError):
     """Another process advanced a partition this checkpoint meant to advance."""
+
+
+class StateStoreUnavailable(RuntimeError):
+    """The store's server cannot be reached (PostgreSQL only); nothing was changed.
+
+    Raised by the call that found the connection gone; the next call connects afresh,
+    so a caller's ordinary retry (a failed checkpoint rewinds and tries again) is all
+    the handling it needs.
+    """
+
+
+class CommitOutcomeUnknown(StateStoreUnavailable):
+    """The connection was lost while a transaction committed, and the server could not
+    be asked afterwards whether it did.
+
+    Unlike its base class, the change may be durable: a caller must not delete files
+    the transaction registered, but reconcile them with the store once it is back
+    (`monitor.ingest.Ingestor.recover` does exactly that for a checkpoint's files).
+    """
+
+
+class _Refused(Exception):
+    """A compare-and-set inside a transaction failed: roll back, report False."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +266,50 @@ def open_sqlite(path: Path, schema: str, *, timeout_s: float = 30.0) -> sqlite3.
             time.sleep(0.05)
 
 
+class _Connection(Protocol):
+    """What `StateStore` needs of a database: the dialect differences stop here."""
+
+    def execute(self, sql: str, args: Sequence[object] = ()) -> Any: ...
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None: ...
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def serialize_incident_log(self, group_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _SqliteConnection:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, args: Sequence[object] = ()) -> sqlite3.Cursor:
+        return self.db.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        self.db.executemany(sql, rows)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def serialize_incident_log(self, group_id: str) -> None:
+        """Nothing to do: ``BEGIN IMMEDIATE`` already makes writers take turns, so
+        sequence numbers become visible in the order they were drawn."""
+
+    def close(self) -> None:
+        self.db.close()
+
+
 class StateStore:
-    """SQLite-backed checkpoint store.
+    """The checkpoint store; this class opens SQLite, `open_state_store` either backend.
 
     Args:
         path: the database file; created with its tables when missing.
@@ -247,13 +326,16 @@ class StateStore:
         10
     """
 
+    path: Path | None
+    _db: _Connection
+
     def __init__(self, path: Path, *, group_id: str, instance: str) -> None:
         self.path = Path(path)
         self.group_id = group_id
         self.instance = instance
         # A checkpoint that returned is on disk even across a power loss; the files it
         # names are renamed into place only after it returns.
-        self._db = open_sqlite(self.path, _SCHEMA)
+        self._db = _SqliteConnection(open_sqlite(self.path, _SCHEMA))
 
     def close(self) -> None:
         self._db.close()
@@ -318,12 +400,13 @@ class StateStore:
         """
         now = int(time.time() * 1000)
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for u in positions:
+        with db.transaction():
+            # In a fixed order: two PostgreSQL writers locking the same rows in opposite
+            # orders would deadlock (SQLite serialises them anyway).
+            for u in sorted(positions, key=lambda u: (u.topic, u.partition)):
                 if u.expected is None:
                     cur = db.execute(
-                        "INSERT OR IGNORE INTO positions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO positions VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         (self.group_id, u.topic, u.partition, u.next_offset, u.max_ts_ms,
                          self.instance, now),
                     )
@@ -352,16 +435,14 @@ class StateStore:
                   s.rows, int(s.final), now) for s in new_segments],
             )
             for topic, upto in (closed_upto or {}).items():
+                # The closing point only moves forward.
                 db.execute(
                     "INSERT INTO topic_clocks VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (group_id, instance, topic) DO UPDATE SET "
-                    "closed_upto_ms = max(closed_upto_ms, excluded.closed_upto_ms)",
+                    "closed_upto_ms = excluded.closed_upto_ms "
+                    "WHERE excluded.closed_upto_ms > topic_clocks.closed_upto_ms",
                     (self.group_id, self.instance, topic, upto),
                 )
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     # -- the monitor's durable state -------------------------------------------------
 
@@ -414,8 +495,9 @@ class StateStore:
         incidents it changed move together, so a crash repeats the step or not at all."""
         now = int(time.time() * 1000)
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with db.transaction():
+            if step.events:
+                db.serialize_incident_log(self.group_id)
             db.executemany(
                 "INSERT INTO monitor_state VALUES (?, ?, ?, ?) ON CONFLICT (group_id, key) "
                 "DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
@@ -432,10 +514,6 @@ class StateStore:
                 "VALUES (?, ?, ?, ?, ?)",
                 [(self.group_id, iid, tr, now, body) for iid, tr, body in step.events],
             )
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def incident(self, incident_id: str) -> IncidentRow | None:
         row = self._db.execute(
@@ -456,26 +534,29 @@ class StateStore:
         """
         db = self._db
         now = int(time.time() * 1000)
-        db.execute("BEGIN IMMEDIATE")
         try:
-            row = db.execute("SELECT value FROM monitor_state WHERE group_id = ? AND key = ?",
-                             (self.group_id, cursor_key)).fetchone()
-            if (None if row is None else int(row[0])) != expected:
-                db.execute("ROLLBACK")
-                return False
-            db.executemany(
-                "INSERT OR IGNORE INTO alert_outbox (id, group_id, sink, first_seq, payload, "
-                "created_ms, attempts, next_attempt_ms) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
-                [(r.id, self.group_id, r.sink, r.first_seq, r.payload, r.created_ms,
-                  r.next_attempt_ms) for r in rows])
-            db.execute(
-                "INSERT INTO monitor_state VALUES (?, ?, ?, ?) ON CONFLICT (group_id, key) "
-                "DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
-                (self.group_id, cursor_key, str(upto), now))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            with db.transaction():
+                # The compare-and-set is the write itself, so that two PostgreSQL
+                # transactions reading the same cursor cannot both go on.
+                if expected is None:
+                    cur = db.execute(
+                        "INSERT INTO monitor_state VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        (self.group_id, cursor_key, str(upto), now))
+                else:
+                    cur = db.execute(
+                        "UPDATE monitor_state SET value = ?, updated_ms = ? "
+                        "WHERE group_id = ? AND key = ? AND value = ?",
+                        (str(upto), now, self.group_id, cursor_key, str(expected)))
+                if cur.rowcount != 1:
+                    raise _Refused
+                db.executemany(
+                    "INSERT INTO alert_outbox (id, group_id, sink, first_seq, payload, "
+                    "created_ms, attempts, next_attempt_ms) VALUES (?, ?, ?, ?, ?, ?, 0, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    [(r.id, self.group_id, r.sink, r.first_seq, r.payload, r.created_ms,
+                      r.next_attempt_ms) for r in rows])
+        except _Refused:
+            return False
         return True
 
     def outbox_pending(self, sink: str, limit: int = 1) -> list[OutboxRow]:
@@ -519,3 +600,60 @@ class StateStore:
             "DELETE FROM alert_outbox WHERE group_id = ? AND coalesce(delivered_ms, gave_up_ms) < ?",
             (self.group_id, before_ms))
         return int(cur.rowcount)
+
+
+# -- choosing a backend ---------------------------------------------------------------
+
+#: What configuration spells a PostgreSQL state store with (monitor/config.py checks the
+#: same shape): libpq's two schemes, optionally with SQLAlchemy's ``+driver``.
+_POSTGRES_URL = re.compile(r"^postgres(?:ql)?(?:\+\w+)?://", re.IGNORECASE)
+
+
+class _StorageLike(Protocol):
+    """monitor.config.StorageConfig, as far as this module reads it (connectors must not
+    import monitor: tests/test_layering.py)."""
+
+    @property
+    def state_url(self) -> str | None: ...
+
+    @property
+    def state_path(self) -> Path: ...
+
+
+#: Where a state store is: the ``storage`` config section, a ``postgresql://`` URL, or a path.
+StateLocation = _StorageLike | str | os.PathLike[str]
+
+
+def open_state_store(where: StateLocation, *, group_id: str, instance: str, **options: Any) -> StateStore:
+    """The state store that ``where`` names: SQLite for a path, PostgreSQL for a URL.
+
+    Args:
+        where: the ``storage`` config section (its ``state_url`` when set, else its
+            ``state_path``), a ``postgresql://`` URL, or the SQLite file's path.
+        group_id: the Kafka consumer group whose progress this is.
+        instance: this process's stable name, unique across every replica.
+        options: for PostgreSQL only, passed to `connectors.state_pg.PostgresStateStore`
+            (``statement_timeout_s``, ``connect_timeout_s``, ``application_name``, ...).
+
+    Raises:
+        StateStoreUnavailable: PostgreSQL cannot be reached.
+        ImportError: a URL is given but psycopg is not installed (``driftloop[postgres]``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> s = open_state_store(pathlib.Path(tempfile.mkdtemp()) / "state.db", group_id="g",
+        ...                      instance="a")
+        >>> type(s).__name__
+        'StateStore'
+    """
+    if not isinstance(where, str | os.PathLike):
+        url = where.state_url
+        where = url if url else where.state_path
+    if isinstance(where, str) and _POSTGRES_URL.match(where):
+        from connectors.state_pg import PostgresStateStore
+
+        return PostgresStateStore(where, group_id=group_id, instance=instance, **options)
+    if options:
+        msg = f"options {sorted(options)} apply to a PostgreSQL state store only"
+        raise TypeError(msg)
+    return StateStore(Path(where), group_id=group_id, instance=instance)

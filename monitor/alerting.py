@@ -52,7 +52,7 @@ from connectors.alerts import (
     WebhookSink,
     decode_signing_keys,
 )
-from connectors.state import OutboxRow, StateStore
+from connectors.state import OutboxRow, StateLocation, StateStore, open_state_store
 from monitor.incidents import Incident, Severity
 from monitor.metrics import Metrics
 from monitor.reports import incident_path
@@ -623,7 +623,7 @@ def _read_secret(what: str, env: str | None, file: str | None, environ: Mapping[
     return None
 
 
-def build_dispatcher(alerts: Any, *, source: str, state_path: Path, metrics: Metrics,
+def build_dispatcher(alerts: Any, *, source: str, state_path: StateLocation, metrics: Metrics,
                      environ: Mapping[str, str], base_url: str,
                      archive: ReportArchive | None = None,
                      render: Callable[[str], str | None] | None = None) -> AlertDispatcher:
@@ -632,6 +632,8 @@ def build_dispatcher(alerts: Any, *, source: str, state_path: Path, metrics: Met
     Secrets and secret URLs are read here, once, from ``environ`` or files. With an
     ``archive`` (the model registry), every incident transition's report, rendered
     by ``render(incident_id)``, is kept there too, through the outbox like any sink.
+    ``state_path`` is anything `connectors.state.open_state_store` takes (the storage
+    config section, a SQLite path or a PostgreSQL URL): each delivery thread opens its own.
 
     Raises:
         ValueError: a secret is missing or malformed, or a URL read from the
@@ -679,5 +681,5 @@ def build_dispatcher(alerts: Any, *, source: str, state_path: Path, metrics: Met
         poll_s=alerts.poll_seconds, retention_ms=int(alerts.retention_days * 86_400_000))
     return AlertDispatcher(
         spec, slots,
-        lambda: StateStore(state_path, group_id=source, instance="alerts"),
+        lambda: open_state_store(state_path, group_id=source, instance="alerts"),
         metrics, source=source, base_url=base_url)

@@ -1,0 +1,438 @@
+"""The state store on PostgreSQL, for replicas of one consumer group on several machines.
+
+`PostgresStateStore` is `connectors.state.StateStore` with another connection under
+it: every query is the same text (``?`` placeholders become ``%s`` here), so the two
+backends cannot drift apart. What PostgreSQL needs on top, and why:
+
+* **Types and collation.** ``INTEGER`` is 32-bit here, so offsets, rows and times are
+  ``BIGINT``; key and ordering columns are ``COLLATE "C"`` so that listings sort by
+  bytes, as SQLite does, whatever the database's locale. The incident log's ``seq`` is
+  an identity column (SQLite: ``AUTOINCREMENT``).
+* **Writers that do not take turns.** SQLite's ``BEGIN IMMEDIATE`` serialises every
+  writer; PostgreSQL's read-committed transactions run side by side. The compare-and-set
+  statements are written so that this does not matter (a concurrent ``UPDATE ... WHERE
+  next_offset = ?`` re-checks the row after the other commits and matches nothing; an
+  ``INSERT ... ON CONFLICT DO NOTHING`` waits for the other's row and inserts nothing).
+  The incident log is the exception: a sequence number is drawn at insert but becomes
+  visible at commit, so two writers could publish 6 before 5, and an alert dispatcher
+  that had read up to 6 would skip 5 for ever. Appends to one group's log therefore
+  hold a transaction-scoped advisory lock.
+* **A server that can go away.** A lost connection raises
+  `connectors.state.StateStoreUnavailable` from the call that found it, and the next
+  call connects again; statements outside a transaction (reads, and the outbox's
+  single-row writes, which set absolute values) are retried once on a fresh connection
+  first. A connection lost *during* ``COMMIT`` is the dangerous case: the transaction
+  may or may not be durable, and a checkpoint's caller deletes its files on failure.
+  So the transaction's id is taken at ``BEGIN`` and, after a loss at ``COMMIT``, the
+  server is asked (``pg_xact_status``) what became of it: committed is success, aborted
+  is `StateStoreUnavailable`, and no answer in time is
+  `connectors.state.CommitOutcomeUnknown`.
+* **Several processes creating the schema at once.** Concurrent ``CREATE TABLE IF NOT
+  EXISTS`` of one table can fail on PostgreSQL's catalog constraints, so first-open DDL
+  runs under an advisory lock; and it runs only when a table or index is missing, so a
+  role without ``CREATE`` can use a database someone else initialised.
+
+psycopg 3 is imported here only (the ``postgres`` extra), so SQLite deployments do not
+need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+
+from connectors.state import CommitOutcomeUnknown, StateStore, StateStoreUnavailable
+
+__all__ = ["PG_SCHEMA", "PostgresStateStore", "redact_url"]
+
+log = logging.getLogger(__name__)
+
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS positions (
+    group_id TEXT COLLATE "C" NOT NULL,
+    topic TEXT COLLATE "C" NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset BIGINT NOT NULL,
+    max_ts_ms BIGINT,
+    owner TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (group_id, topic, partition)
+);
+CREATE TABLE IF NOT EXISTS topic_clocks (
+    group_id TEXT COLLATE "C" NOT NULL,
+    instance TEXT COLLATE "C" NOT NULL,
+    topic TEXT COLLATE "C" NOT NULL,
+    closed_upto_ms BIGINT NOT NULL,
+    PRIMARY KEY (group_id, instance, topic)
+);
+CREATE TABLE IF NOT EXISTS spills (
+    path TEXT COLLATE "C" PRIMARY KEY,
+    group_id TEXT COLLATE "C" NOT NULL,
+    instance TEXT COLLATE "C" NOT NULL,
+    topic TEXT COLLATE "C" NOT NULL,
+    window_start_ms BIGINT NOT NULL,
+    rows BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS segments (
+    path TEXT COLLATE "C" PRIMARY KEY,
+    group_id TEXT COLLATE "C" NOT NULL,
+    instance TEXT COLLATE "C" NOT NULL,
+    topic TEXT COLLATE "C" NOT NULL,
+    kind TEXT NOT NULL,
+    window_start_ms BIGINT NOT NULL,
+    rows BIGINT NOT NULL,
+    final INTEGER NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS segments_window ON segments (topic, window_start_ms);
+CREATE TABLE IF NOT EXISTS monitor_state (
+    group_id TEXT COLLATE "C" NOT NULL,
+    key TEXT COLLATE "C" NOT NULL,
+    value TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (group_id, key)
+);
+CREATE TABLE IF NOT EXISTS incidents (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    group_id TEXT COLLATE "C" NOT NULL,
+    fingerprint TEXT NOT NULL,
+    status TEXT COLLATE "C" NOT NULL,
+    opened_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS incidents_status ON incidents (group_id, status, updated_ms);
+CREATE TABLE IF NOT EXISTS incident_events (
+    seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    group_id TEXT COLLATE "C" NOT NULL,
+    incident_id TEXT NOT NULL,
+    transition TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS incident_events_group ON incident_events (group_id, seq);
+CREATE TABLE IF NOT EXISTS alert_outbox (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    group_id TEXT COLLATE "C" NOT NULL,
+    sink TEXT COLLATE "C" NOT NULL,
+    first_seq BIGINT NOT NULL,
+    payload TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms BIGINT NOT NULL,
+    delivered_ms BIGINT,
+    gave_up_ms BIGINT,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS alert_outbox_pending ON alert_outbox (group_id, sink, delivered_ms,
+                                                                 gave_up_ms, first_seq);
+"""
+
+#: Every relation PG_SCHEMA creates: when all exist, opening runs no DDL at all.
+_RELATIONS = ("positions", "topic_clocks", "spills", "segments", "segments_window", "monitor_state",
+              "incidents", "incidents_status", "incident_events", "incident_events_group",
+              "alert_outbox", "alert_outbox_pending")
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 32-bit advisory-lock key (Python's hash() changes per process)."""
+    v = zlib.crc32(name.encode())
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+#: Advisory locks are (namespace, key) pairs of int4; the one-bigint form is a separate
+#: key space, so these cannot collide with a leader lock taken as one bigint.
+LOCK_NAMESPACE = _lock_key("driftloop.state")
+SCHEMA_LOCK = _lock_key("schema")
+
+
+def _incident_log_lock(group_id: str) -> int:
+    return _lock_key(f"incident_events/{group_id}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for logs and error messages."""
+    try:
+        params = conninfo.conninfo_to_dict(_libpq_url(url))
+    except psycopg.ProgrammingError:
+        return "postgresql://<unparseable URL>"
+    host = params.get("host", "")
+    port = params.get("port")
+    user = params.get("user")
+    return (f"postgresql://{f'{user}@' if user else ''}{host}{f':{port}' if port else ''}"
+            f"/{params.get('dbname', '')}")
+
+
+def _libpq_url(url: str) -> str:
+    """libpq knows ``postgresql://`` and ``postgres://``, not SQLAlchemy's ``+driver``."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme.split('+', 1)[0]}{sep}{rest}"
+
+
+_PLACEHOLDERS: dict[str, str] = {}
+
+
+def _pg(sql: str) -> str:
+    """The shared statements use ``?``; psycopg wants ``%s`` (and a literal ``%`` would
+    need doubling, which no statement of the store has)."""
+    out = _PLACEHOLDERS.get(sql)
+    if out is None:
+        assert "%" not in sql, sql
+        out = _PLACEHOLDERS[sql] = sql.replace("?", "%s")
+    return out
+
+
+class _PostgresConnection:
+    """One libpq connection, reopened on demand, in autocommit mode with explicit
+    ``BEGIN``/``COMMIT``, so that a read never leaves a transaction open."""
+
+    def __init__(self, params: dict[str, Any], *, where: str, statement_timeout_ms: int,
+                 idle_in_transaction_timeout_ms: int, commit_resolve_s: float) -> None:
+        self._params = params
+        self._where = where
+        self._settings = {"statement_timeout": str(statement_timeout_ms),
+                          "idle_in_transaction_session_timeout": str(idle_in_transaction_timeout_ms)}
+        self._commit_resolve_s = commit_resolve_s
+        self._conn: psycopg.Connection[Any] | None = None
+        self._in_transaction = False
+
+    # -- connecting ------------------------------------------------------------------
+
+    def connection(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        self._drop()
+        try:
+            conn = psycopg.connect(**self._params, autocommit=True)
+        except psycopg.OperationalError as exc:
+            msg = f"cannot connect to the state store {self._where}: {_first_line(exc)}"
+            raise StateStoreUnavailable(msg) from exc
+        try:
+            for name, value in self._settings.items():
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _lost(self, exc: BaseException, doing: str) -> StateStoreUnavailable:
+        self._drop()
+        msg = (f"lost the connection to the state store {self._where} {doing}: {_first_line(exc)}; "
+               "nothing was changed, the next call reconnects")
+        return StateStoreUnavailable(msg)
+
+    def close(self) -> None:
+        self._drop()
+
+    # -- statements ------------------------------------------------------------------
+
+    def execute(self, sql: str, args: Sequence[object] = ()) -> psycopg.Cursor[Any]:
+        sql = _pg(sql)
+        if self._in_transaction:
+            assert self._conn is not None
+            try:
+                return self._conn.execute(sql, args)
+            except psycopg.OperationalError as exc:
+                if not _gone(self._conn):
+                    raise
+                raise self._lost(exc, "in a transaction") from exc
+        # Outside a transaction every statement of the store is idempotent (reads, and
+        # single-row writes of absolute values), so one retry on a fresh connection
+        # hides a connection the server closed while it sat idle.
+        conn = self.connection()
+        try:
+            return conn.execute(sql, args)
+        except psycopg.OperationalError:
+            if not _gone(conn):
+                raise
+            self._drop()
+        conn = self.connection()
+        try:
+            return conn.execute(sql, args)
+        except psycopg.OperationalError as exc:
+            if not _gone(conn):
+                raise
+            raise self._lost(exc, "twice in a row") from exc
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        if not rows:
+            return
+        assert self._in_transaction and self._conn is not None
+        try:
+            with self._conn.cursor() as cur:
+                cur.executemany(_pg(sql), rows)
+        except psycopg.OperationalError as exc:
+            if not _gone(self._conn):
+                raise
+            raise self._lost(exc, "in a transaction") from exc
+
+    def serialize_incident_log(self, group_id: str) -> None:
+        self.execute("SELECT pg_advisory_xact_lock(?, ?)", (LOCK_NAMESPACE, _incident_log_lock(group_id)))
+
+    # -- transactions ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        conn = self.connection()
+        try:
+            conn.execute("BEGIN")
+            xid = str(conn.execute("SELECT pg_current_xact_id()").fetchone()[0])  # type: ignore[index]
+        except psycopg.OperationalError as exc:
+            if not _gone(conn):
+                raise
+            raise self._lost(exc, "at BEGIN") from exc
+        self._in_transaction = True
+        try:
+            try:
+                yield
+            except BaseException:
+                if not _gone(conn):
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+                raise
+            try:
+                self._commit(conn)
+            except psycopg.OperationalError as exc:
+                if not _gone(conn):
+                    raise  # the server refused the commit: rolled back, connection fine
+                self._drop()
+                self._resolve(xid, exc)
+        finally:
+            self._in_transaction = False
+
+    def _commit(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("COMMIT")
+
+    def _resolve(self, xid: str, lost: BaseException) -> None:
+        """Find out whether a transaction whose ``COMMIT`` got no answer is durable.
+
+        The server settles it soon: it received the ``COMMIT`` and commits, or it sits
+        idle in the transaction until ``idle_in_transaction_session_timeout`` (or TCP)
+        ends the session, which aborts it.
+        """
+        deadline = time.monotonic() + self._commit_resolve_s
+        status: str | None = None
+        while True:
+            try:
+                row = self.connection().execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+                status = None if row is None else row[0]
+            except (StateStoreUnavailable, psycopg.OperationalError):
+                self._drop()
+                status = None
+            if status == "committed":
+                log.warning("state store connection lost at COMMIT; the transaction had committed",
+                            extra={"fields": {"store": self._where, "xid": xid}})
+                return
+            if status == "aborted":
+                msg = (f"lost the connection to the state store {self._where} at COMMIT: "
+                       f"{_first_line(lost)}; the transaction was rolled back, the next call reconnects")
+                raise StateStoreUnavailable(msg) from lost
+            if time.monotonic() >= deadline:
+                msg = (f"lost the connection to the state store {self._where} at COMMIT "
+                       f"({_first_line(lost)}) and could not learn within {self._commit_resolve_s:.0f}s "
+                       f"whether transaction {xid} committed (last status: {status or 'no answer'})")
+                raise CommitOutcomeUnknown(msg) from lost
+            time.sleep(0.2)
+
+    # -- the schema ------------------------------------------------------------------
+
+    def ensure_schema(self) -> None:
+        missing = self.execute(
+            "SELECT count(*) FROM unnest(?::text[]) AS r(name) WHERE to_regclass(r.name) IS NULL",
+            (list(_RELATIONS),)).fetchone()[0]
+        if not missing:
+            return
+        with self.transaction():
+            self.execute("SELECT pg_advisory_xact_lock(?, ?)", (LOCK_NAMESPACE, SCHEMA_LOCK))
+            for statement in PG_SCHEMA.split(";"):
+                if statement.strip():
+                    self.execute(statement)
+
+
+def _gone(conn: psycopg.Connection[Any]) -> bool:
+    """Lost (libpq saw the socket fail) or closed under us: either way, not usable."""
+    return conn.broken or conn.closed
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class PostgresStateStore(StateStore):
+    """The state store in a PostgreSQL database shared by every replica of a group.
+
+    Tables are created on first open when missing (docs/storage.md lists the privileges
+    that takes, and those a role needs once they exist).
+
+    Args:
+        url: ``postgresql://user@host:5432/db?sslmode=verify-full``, any libpq URL
+            (``postgres://`` and SQLAlchemy's ``postgresql+psycopg://`` too). Parameters
+            in it win over the defaults below (``application_name``, ``connect_timeout``,
+            ``keepalives*``, ``tcp_user_timeout``). A password is better left to
+            ``PGPASSWORD`` or ``~/.pgpass`` than written into configuration.
+        group_id: the Kafka consumer group whose progress this is.
+        instance: this process's stable name, unique across every replica.
+        statement_timeout_s: no statement may run longer (a checkpoint waiting on a row
+            another replica holds locked fails instead of stalling ingestion).
+        connect_timeout_s: how long one connection attempt may take.
+        idle_in_transaction_timeout_s: the server ends a session that stays this long
+            inside a transaction (a frozen or partitioned process), releasing its locks.
+        commit_resolve_s: how long to ask after a connection lost at ``COMMIT``.
+        keepalive_s: TCP keepalive idle time; a dead server is noticed within about
+            twice this, and unacknowledged writes time out after it too.
+        application_name: shown in ``pg_stat_activity``; default ``driftloop/<instance>``.
+
+    Raises:
+        StateStoreUnavailable: the server cannot be reached.
+    """
+
+    def __init__(self, url: str, *, group_id: str, instance: str, statement_timeout_s: float = 30.0,
+                 connect_timeout_s: float = 10.0, idle_in_transaction_timeout_s: float = 10.0,
+                 commit_resolve_s: float = 15.0, keepalive_s: int = 15,
+                 application_name: str | None = None) -> None:
+        self.path = None
+        self.url = redact_url(url)
+        self.group_id = group_id
+        self.instance = instance
+        try:
+            params: dict[str, Any] = conninfo.conninfo_to_dict(_libpq_url(url))
+        except psycopg.ProgrammingError as exc:
+            msg = f"not a PostgreSQL URL: {self.url} ({_first_line(exc)})"
+            raise ValueError(msg) from None
+        defaults: dict[str, Any] = {
+            "application_name": (application_name or f"driftloop/{instance}")[:63],
+            "connect_timeout": str(max(1, round(connect_timeout_s))),
+            "keepalives": "1",
+            "keepalives_idle": str(keepalive_s),
+            "keepalives_interval": str(max(1, keepalive_s // 3)),
+            "keepalives_count": "3",
+        }
+        if psycopg.pq.version() >= 120000:  # libpq 12 added it
+            defaults["tcp_user_timeout"] = str(keepalive_s * 2 * 1000)
+        for k, v in defaults.items():
+            params.setdefault(k, v)
+        db = _PostgresConnection(
+            params, where=self.url, statement_timeout_ms=int(statement_timeout_s * 1000),
+            idle_in_transaction_timeout_ms=int(idle_in_transaction_timeout_s * 1000),
+            commit_resolve_s=commit_resolve_s)
+        db.ensure_schema()
+        self._db = db
+
+    def __repr__(self) -> str:
+        return f"PostgresStateStore({self.url!r}, group_id={self.group_id!r}, instance={self.instance!r})"
