@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export DRIFTLOOP_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: help venv test test-fast lint kafka-fetch demo bench-quick schemas clean
+.PHONY: help venv test test-fast lint kafka-fetch s3-fetch demo bench-quick schemas clean
 
 help:
 	@echo "make test   - create $(VENV), install driftloop[test], fetch Kafka, run every test"
@@ -22,10 +22,14 @@ venv: $(BIN)/.installed
 kafka-fetch:
 	deploy/kafka/kafka.sh fetch
 
+# S3Proxy (a real S3-compatible server) for the object-store tests (deploy/s3/).
+s3-fetch:
+	deploy/s3/s3proxy.sh fetch
+
 lint: venv
 	$(BIN)/ruff check monitor retrain connectors tests bench
 
-test: venv kafka-fetch lint
+test: venv kafka-fetch s3-fetch lint
 	$(BIN)/python -m pytest
 
 test-fast: venv

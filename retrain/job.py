@@ -152,7 +152,8 @@ def _finite(d: dict[str, float]) -> dict[str, float]:
 
 def _assemble(spec: JobSpec) -> tuple[pd.DataFrame, list[str], dict[str, Any]]:
     """Read, label and clean the window; returns the frame, its features, and what was done."""
-    store = FeedbackStore(Path(spec.store))
+    # A URL stays a string: Path() would collapse s3://bucket into s3:/bucket.
+    store = FeedbackStore(spec.store)
     preds = store.read_window(PREDICTIONS, spec.data_start_ms, spec.data_end_ms)
     fb = store.read_window(FEEDBACKS, spec.data_start_ms,
                            spec.data_end_ms + spec.attribution_ms, columns=["prediction_id", "type", "ts"])
