@@ -96,18 +96,22 @@ def bare_consumer(bootstrap: str, topic: str, n: int) -> dict[str, float]:
     got = 0
     nbytes = 0
     t0: float | None = None
+    cpu0 = 0.0
     while got < n:
         batch = consumer.poll(timeout_ms=500)
         if batch and t0 is None:
             t0 = time.perf_counter()
+            cpu0 = time.process_time()
         for records in batch.values():
             got += len(records)
             nbytes += sum(len(r.value) for r in records)
     assert t0 is not None
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     consumer.commit()
     consumer.close()
-    return {"events_per_s": got / seconds, "seconds": seconds, "mean_bytes": nbytes / got}
+    return {"events_per_s": got / seconds, "seconds": seconds, "mean_bytes": nbytes / got,
+            "cpu_us_per_event": cpu / got * 1e6}
 
 
 def _vm_hwm_mb(pid: int) -> float:
@@ -115,6 +119,12 @@ def _vm_hwm_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _vm_rss_mb(pid: int) -> float:
@@ -154,6 +164,7 @@ def driftloop_daemon(bootstrap: str, topic: str, n: int, workdir: Path) -> dict[
     rss_samples = []
     try:
         t_assigned: float | None = None
+        cpu0 = 0.0
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -161,12 +172,14 @@ def driftloop_daemon(bootstrap: str, topic: str, n: int, workdir: Path) -> dict[
             rss_samples.append(_vm_rss_mb(proc.pid))
             if t_assigned is None and b"partitions assigned" in log_path.read_bytes():
                 t_assigned = time.perf_counter()
+                cpu0 = _cpu_seconds(proc.pid)
             if t_assigned is not None and committed_offsets(bootstrap, group, topic) == ends:
                 break
             time.sleep(0.2)
         else:
             raise RuntimeError("daemon did not finish in time")
         seconds = time.perf_counter() - t_assigned
+        cpu = _cpu_seconds(proc.pid) - cpu0
         peak = _vm_hwm_mb(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -177,6 +190,7 @@ def driftloop_daemon(bootstrap: str, topic: str, n: int, workdir: Path) -> dict[
             code = -9
     dlq = log_path.read_text().count('"dead-letter')
     return {"events_per_s": n / seconds, "seconds": seconds, "peak_rss_mb": peak,
+            "cpu_us_per_event": cpu / n * 1e6,
             "rss_mb_at_quarters": [round(rss_samples[int(len(rss_samples) * q)], 1)
                                    for q in (0.25, 0.5, 0.75)] if rss_samples else [],
             "exit_code": code, "dead_letter_log_lines": dlq}
@@ -225,6 +239,10 @@ def main() -> None:
         "bare_runs_events_per_s": [round(bare1["events_per_s"]), round(bare2["events_per_s"])],
         "driftloop_events_per_s": round(dl["events_per_s"]),
         "ratio_vs_bare": round(dl["events_per_s"] / bare_rate, 3),
+        # CPU per event (all threads of the consuming process): steadier than rates on
+        # a shared machine; the bare consumer's is the mean of its two runs.
+        "bare_cpu_us_per_event": round((bare1["cpu_us_per_event"] + bare2["cpu_us_per_event"]) / 2, 2),
+        "driftloop_cpu_us_per_event": round(dl["cpu_us_per_event"], 2),
         "driftloop_peak_rss_mb": round(dl["peak_rss_mb"], 1),
         "driftloop_rss_mb_at_quarters": dl["rss_mb_at_quarters"],
         "driftloop_exit_code": dl["exit_code"],

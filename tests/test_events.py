@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from connectors import events as events_module
 from connectors.events import (
     EventKind,
     Feedback,
@@ -116,3 +118,37 @@ def test_published_json_schema_matches_the_structs(struct: type, name: str) -> N
     published = json.loads((DOCS / f"{name}.schema.json").read_text())
     assert published == json_schema(struct), (
         f"docs/schemas/{name}.schema.json is stale: run `python -m connectors.schemas`")
+
+
+_FEATURE_VALUES = (st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1)
+                   | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5))
+_FEATURE_NAMES = st.sampled_from(["age", "price", "f0", "f.x", "a b", "", "score", "\u00e9"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(_FEATURE_NAMES, _FEATURE_VALUES, max_size=5), min_size=1,
+                max_size=25),
+       st.booleans())
+def test_feature_struct_decoding_gives_the_generic_decoders_columns(
+        features: list[dict], duplicate_key: bool) -> None:
+    # Later events may lack keys of the first, add unknown ones, or change types.
+    values = [encode({**prediction(i, BASE_TS_MS), "features": f}) for i, f in enumerate(features)]
+    if duplicate_key and features[0]:
+        name = json.dumps(next(iter(features[0])))
+        values[0] = values[0].replace(b'"features":{', b'"features":{%s:"dup",' % name.encode(), 1)
+    fast = decode_batch(EventKind.PREDICTION, values, max_bytes=MAX)
+    with mock.patch.object(events_module, "_feature_decoder", lambda *a: None):
+        generic = decode_batch(EventKind.PREDICTION, values, max_bytes=MAX)
+    assert fast.table.equals(generic.table)
+    assert fast.table.schema.equals(generic.table.schema)
+    assert fast.index.tolist() == generic.index.tolist()
+    assert fast.failures == generic.failures
+
+
+def test_feature_struct_decoder_is_used_for_uniform_batches() -> None:
+    values = [encode(prediction(i, BASE_TS_MS)) for i in range(20)]
+    assert events_module._feature_decoder(events_module._DECODERS[EventKind.PREDICTION].decode,
+                                          values) is not None
+    with mock.patch.object(events_module, "_feature_decoder", lambda *a: None):
+        generic = decode_batch(EventKind.PREDICTION, values, max_bytes=MAX)
+    assert decode_batch(EventKind.PREDICTION, values, max_bytes=MAX).table.equals(generic.table)
