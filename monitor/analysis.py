@@ -34,7 +34,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,13 +42,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from connectors.state import IncidentRow, MonitorCommit, StateStore
+from connectors.store import FeedbackStore
+from connectors.summaries import SummaryStore
 from monitor.drift import DriftDecider, DriftSpec, compare
 from monitor.incidents import Incident, IncidentBook, Outcome, Severity, Signal, Transition
 from monitor.join import FeedbackIndex, JoinSpec, dedupe_predictions, matured_upto
-from monitor.labels import LabelSummary
+from monitor.labels import LabelSummary, exchangeable_labels
 from monitor.metrics import Metrics
 from monitor.performance import PerformanceSpec, evaluate
 from monitor.profile import Profile, ProfileSpec
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 
 #: Rows per batch when streaming a window from Parquet: bounds the stage's memory.
 BATCH_ROWS = 262_144
+#: How long window summaries are kept after the leader decided their window.
+SUMMARY_RETENTION_MS = 24 * 3600 * 1000
 _PRED_COLUMNS = ["prediction_id", "ts", "model", "model_version", "score"]
 _PROFILE_KEYS = frozenset({"model", "model_version", "score"})
 
@@ -173,9 +176,22 @@ class Analysis:
     """
 
     def __init__(self, spec: AnalysisSpec, state: StateStore, pred_topic: str, feedback_topic: str,
-                 references: References | None, metrics: Metrics) -> None:
+                 references: References | None, metrics: Metrics, *,
+                 summaries: SummaryStore | None = None, cluster: bool = False,
+                 leader: bool = True, store: FeedbackStore | None = None) -> None:
         self.spec = spec
         self.state = state
+        self.instance = state.instance
+        #: Segments are read by their registered paths, on a directory or an object store.
+        self.store = store if store is not None else FeedbackStore(Path("."))
+        self.summaries = summaries if summaries is not None else SummaryStore(
+            getattr(state, "url", None) or state.path, group_id=state.group_id)
+        #: Replicas share the work (docs/scale-out.md): feedback that matches no
+        #: prediction *of this replica* may match another's, so it is not counted.
+        self.cluster = cluster
+        #: Only the leader decides; every replica summarises what it stored.
+        self.leader = leader
+        self._waiting: dict[str, Any] = {}
         self.pred_topic = pred_topic
         self.feedback_topic = feedback_topic
         self.references = references
@@ -220,29 +236,88 @@ class Analysis:
         v = self.state.monitor_value(name)
         return None if v is None else int(v)
 
+    def become_leader(self) -> None:
+        """Take over deciding: the previous leader changed incidents and detector states
+        since this replica last looked, so they are read afresh from the state store."""
+        open_incidents = [Incident.from_json(r.body) for r in self.state.incidents(status="firing",
+                                                                                   limit=10_000)]
+        self.book = IncidentBook(self.spec.resolve_after, open_incidents)
+        self._versions.clear()
+        self._refs.clear()
+        self._stall_checked_upto = -1
+        self.leader = True
+        self._refresh_incident_gauge()
+
     def step(self, budget_s: float = 5.0) -> int:
-        """Analyse what became final since the last call; return windows processed.
+        """Summarise and (on the leader) decide what became final; return windows done.
 
         Stops after ``budget_s`` so that a long backlog does not delay shutdown; the
         next call continues where this one stopped.
         """
         deadline = time.monotonic() + budget_s
+        if self.leader:
+            self._commit_submitted()
+        pred_view = self.summaries.view(self.pred_topic)
+        fb_view = self.summaries.view(self.feedback_topic)
+        done = self._summarise(pred_view, fb_view, deadline)
+        if self.leader and time.monotonic() <= deadline:
+            done += self._decide(pred_view, fb_view, deadline)
+        return done
+
+    # -- summarising: every replica, over the windows it stored --------------------------
+
+    def _summarise(self, pred_view: Any, fb_view: Any, deadline: float) -> int:
         done = 0
-        self._commit_submitted()
-        pred_closed = self.state.closed_upto(self.pred_topic)
+        own_closed = pred_view.closed.get(self.instance)
+        bound = max(own_closed or 0, pred_view.closed_upto() or 0) + self.spec.window_ms
+        drift_upto = self._pointer("drift_upto")
+        first = None if drift_upto is None else drift_upto - 1
+        have = self.summaries.summarised("drift", self.instance, first or 0)
+        for start in self.summaries.own_windows(self.pred_topic, self.instance, first, bound):
+            if start in have or not pred_view.closed_for(self.instance, start):
+                continue
+            if not self._summarise_drift(start, drift_upto):
+                break
+            done += 1
+            if time.monotonic() > deadline:
+                return done
+        matured = matured_upto(self.spec.join, fb_view.closed_upto())
+        if matured is None:
+            return done
+        join_upto = self._pointer("join_upto")
+        first = None if join_upto is None else join_upto - 1
+        have = self.summaries.summarised("join", self.instance, first or 0)
+        for start in self.summaries.own_windows(self.pred_topic, self.instance, first, matured):
+            if start in have or not pred_view.closed_for(self.instance, start):
+                continue
+            self._summarise_join(start, join_upto)
+            done += 1
+            if time.monotonic() > deadline:
+                return done
+        return done
+
+    # -- deciding: the leader, over merged summaries ------------------------------------
+
+    def _decide(self, pred_view: Any, fb_view: Any, deadline: float) -> int:
+        done = 0
+        pred_closed = pred_view.closed_upto()
         if pred_closed is None:
             return 0
         drift_upto = self._pointer("drift_upto")
+        self._waiting = {}
         for start in self.state.segment_windows(self.pred_topic,
                                                 None if drift_upto is None else drift_upto - 1,
                                                 pred_closed):
             if drift_upto is not None and start < drift_upto:
                 continue
-            self._drift_window(start)
+            parts = self._parts("drift", start)
+            if parts is None:
+                break
+            self._decide_drift(start, parts)
             done += 1
             if time.monotonic() > deadline:
                 return done
-        fb_closed = self.state.closed_upto(self.feedback_topic)
+        fb_closed = fb_view.closed_upto()
         matured = matured_upto(self.spec.join, fb_closed)
         join_upto = self._pointer("join_upto")
         if matured is not None:
@@ -252,8 +327,10 @@ class Analysis:
                                                     limit):
                 if join_upto is not None and start < join_upto:
                     continue
-                self._join_window(start, join_upto)
-                join_upto = start + self.spec.window_ms
+                parts = self._parts("join", start)
+                if parts is None:
+                    break
+                self._decide_join(start, parts)
                 done += 1
                 if time.monotonic() > deadline:
                     return done
@@ -262,44 +339,68 @@ class Analysis:
             max(0, pred_closed - (self._pointer("drift_upto") or pred_closed)) / 1000)
         self.metrics.analysis_lag.labels("join").set(
             max(0, (matured or 0) - (self._pointer("join_upto") or matured or 0)) / 1000)
+        if done:
+            # A day of summaries stays for inspection; older ones are history.
+            upto = min(self._pointer("drift_upto") or 0, self._pointer("join_upto") or 0)
+            if upto:
+                self.summaries.prune(upto - SUMMARY_RETENTION_MS)
         return done
+
+    def _parts(self, stage: str, start: int) -> list[dict[str, Any]] | None:
+        """Every summary a window is owed, or None while some replica's is missing."""
+        owed = self.summaries.segment_instances(self.pred_topic, start)
+        got = self.summaries.get(stage, start)
+        missing = sorted(owed - set(got))
+        if missing:
+            self._waiting[stage] = {"window": _iso(start), "replicas": missing}
+            return None
+        return [json.loads(got[i]) for i in sorted(owed)]
 
     # -- reading windows -----------------------------------------------------------------
 
-    def _batches(self, topic: str, start: int, columns: list[str] | None) -> Iterator[pa.Table]:
-        for seg in self.state.segments_of_window(topic, start):
-            path = Path(seg.path)
-            if not path.exists():
+    def _batches(self, topic: str, start: int, columns: list[str] | None,
+                 paths: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """A window's rows: every replica's segments, or only ``paths``."""
+        if paths is None:
+            paths = [seg.path for seg in self.state.segments_of_window(topic, start)]
+        for name in paths:
+            if not self.store.exists(name):
                 # Registered but not yet renamed into place: the ingest thread publishes
                 # right after its commit; the next step sees it.
-                msg = f"segment {path} is registered but not published yet"
+                msg = f"segment {name} is registered but not published yet"
                 raise NotYet(msg)
-            f = pq.ParquetFile(path)
-            names = f.schema_arrow.names
-            # None: what a profile needs (ids, ranks and user columns are never read).
-            cols = ([c for c in names if c in _PROFILE_KEYS or c.startswith("f.")] if columns is None
-                    else [c for c in columns if c in names])
-            for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=cols):
-                yield pa.Table.from_batches([batch])
+            with self.store.open_parquet(name) as f:
+                names = f.schema_arrow.names
+                # None: what a profile needs (ids, ranks and user columns are never read).
+                cols = ([c for c in names if c in _PROFILE_KEYS or c.startswith("f.")] if columns is None
+                        else [c for c in columns if c in names])
+                for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=cols):
+                    yield pa.Table.from_batches([batch])
 
-    def _read(self, topic: str, start: int, columns: list[str]) -> pa.Table:
-        tables = list(self._batches(topic, start, columns))
+    def _read(self, topic: str, start: int, columns: list[str],
+              paths: Sequence[str] | None = None) -> pa.Table:
+        tables = list(self._batches(topic, start, columns, paths))
         if not tables:
             return pa.table({c: pa.array([], pa.string()) for c in columns})
         return pa.concat_tables(tables, promote_options="permissive")
 
     # -- references ----------------------------------------------------------------------
 
-    def _reference(self, model: str, version: str) -> Reference | None:
+    def _reference(self, model: str, version: str, *, external: bool = True) -> Reference | None:
+        """The version's reference: cached, in the state store, or (``external``) from
+        the configured source, stored on first sight so every replica uses the same one.
+        Deciding never looks outside: it uses what the summaries were made against."""
         key = _key(model, version)
         cached = self._refs.get(key)
         # A version without a reference yet is asked for again on each drift window, not
         # once per process: the registry may have been down, or the reference logged
         # after the version went live. Bootstrapping (after bootstrap_ms) ends the search.
-        if cached is not None or key in self._refs_missed:
+        if cached is not None or (external and key in self._refs_missed):
             return cached
         stored = self.state.monitor_value(f"ref/{key}")
         ref = Reference.from_json(stored) if stored is not None else None
+        if ref is None and not external:
+            return None
         if ref is None and self.references is not None:
             try:
                 ref = self.references.lookup(model, version)
@@ -347,31 +448,87 @@ class Analysis:
             self._versions[key] = v
         return v
 
-    def _drift_window(self, start: int) -> None:
-        t0 = time.perf_counter()
+    def _may_lack_reference(self, key: str, start: int, drift_upto: int | None) -> bool:
+        """Whether a summary of window ``start`` without a reference for ``key`` is what
+        the leader will want: a reference it bootstraps at window W applies from W + 1,
+        so a replica ahead of the leader's decisions must not summarise past the first
+        window that could be bootstrapped at, and waits there instead."""
+        if drift_upto is not None and start <= drift_upto:
+            # The leader decided every window before ``start``: a bootstrapped
+            # reference would be in the state store already.
+            return True
+        stored = self.state.monitor_value(f"version/{key}")
+        if stored is not None:
+            first = _Version.from_json(stored).first_window
+        else:
+            # Seen in no decided window: it first appears at or after drift_upto.
+            first = drift_upto if drift_upto is not None else self.summaries.first_window(self.pred_topic)
+        if first is None:
+            return False
+        return start <= first + self.spec.bootstrap_ms - self.spec.window_ms
+
+    def _summarise_drift(self, start: int, drift_upto: int | None) -> bool:
+        """This replica's share of a prediction window: per version, its rows and their
+        profile against the version's reference (bins of the reference, so shares add).
+        False: postponed, the leader may still bootstrap a reference this window needs."""
         self._refs_missed.clear()
+        rows: dict[str, int] = {}
+        sources: dict[str, str | None] = {}
+        profiles: dict[str, Profile] = {}
+        paths = self.summaries.own_segments(self.pred_topic, self.instance, start)
+        for batch in self._batches(self.pred_topic, start, None, paths):
+            for (model, version), part in _by_version(batch):
+                key = _key(model, version)
+                rows[key] = rows.get(key, 0) + part.num_rows
+                ref = self._reference(model, version)
+                sources[key] = None if ref is None else ref.source
+                if ref is None:
+                    if not self._may_lack_reference(key, start, drift_upto):
+                        return False
+                    continue
+                s = ref.profile.summarise(_features_frame(part))
+                profiles[key] = profiles[key] + s if key in profiles else s
+        body = {"versions": {k: {"rows": n, "reference": sources[k],
+                                 "profile": profiles[k].to_dict() if k in profiles else None}
+                             for k, n in rows.items()}}
+        self.summaries.put("drift", start, self.instance, json.dumps(body))
+        return True
+
+    def _decide_drift(self, start: int, parts: list[dict[str, Any]]) -> None:
+        t0 = time.perf_counter()
         end = start + self.spec.window_ms
         values: dict[str, str] = {"drift_upto": str(end)}
         signals: list[Signal] = []
         summaries: dict[str, Profile] = {}
         refs: dict[str, Reference] = {}
-        for batch in self._batches(self.pred_topic, start, None):
-            for (model, version), rows in _by_version(batch):
-                key = _key(model, version)
+        partial: set[str] = set()
+        for part in parts:
+            for key, d in sorted(part["versions"].items()):
+                model, version = key.split("@", 1)
                 v = self._version(key, start)
                 v.last_window = start
-                ref = self._reference(model, version)
+                ref = self._reference(model, version, external=False)
                 if ref is None:
                     continue
+                if d["profile"] is None or d["reference"] != ref.source:
+                    # A replica summarised against another reference (it had none yet):
+                    # this window cannot be compared as a whole.
+                    partial.add(key)
+                    continue
                 refs[key] = ref
-                s = ref.profile.summarise(_features_frame(rows))
+                s = Profile.from_dict(d["profile"])
                 summaries[key] = summaries[key] + s if key in summaries else s
-        for key in list(self._versions):
+        for key in sorted(self._versions):
             v = self._versions[key]
             if v.last_window != start:
                 continue
             model, version = key.split("@", 1)
             ref = refs.get(key)
+            if key in partial:
+                log.info("drift of this window skipped: a replica summarised it without the "
+                         "version's reference", extra={"fields": {"model": key, "window": _iso(start)}})
+                values[f"version/{key}"] = v.to_json()
+                continue
             if ref is None:
                 if end - v.first_window >= self.spec.bootstrap_ms:
                     ref = self._bootstrap(model, version, v.first_window, end)
@@ -392,8 +549,9 @@ class Analysis:
 
     # -- labels and performance ----------------------------------------------------------
 
-    def _join_window(self, start: int, join_upto: int | None) -> None:
-        t0 = time.perf_counter()
+    def _summarise_join(self, start: int, join_upto: int | None) -> None:
+        """This replica's predictions of a matured window joined with the feedback of
+        every replica (feedback is read whole: its prediction may be anyone's)."""
         spec = self.spec
         end = start + spec.window_ms
         for fs in spec.join.feedback_windows(start):
@@ -402,8 +560,10 @@ class Analysis:
                 # Unmatched feedback is counted only where every prediction window that
                 # could match it is still to be joined by this process.
                 earliest = fs - spec.join.attribution_ms - spec.window_ms
-                self.index.add(fs, fb, count_unmatched=join_upto is None or earliest >= join_upto)
-        preds, dups = dedupe_predictions(self._read(self.pred_topic, start, _PRED_COLUMNS))
+                self.index.add(fs, fb, count_unmatched=not self.cluster and (
+                    join_upto is None or earliest >= join_upto))
+        paths = self.summaries.own_segments(self.pred_topic, self.instance, start)
+        preds, dups = dedupe_predictions(self._read(self.pred_topic, start, _PRED_COLUMNS, paths))
         if dups:
             self.metrics.duplicate_predictions.inc(dups)
         joined = self.index.join(start, preds)
@@ -413,21 +573,39 @@ class Analysis:
             if c > before[t]:
                 self.metrics.feedback_unmatched.labels(t).inc(c - before[t])
         self.metrics.join_index_bytes.set(self.index.nbytes)
+        versions = {}
+        for (model, version), idx in _version_indices(preds):
+            scores = np.asarray(preds.column("score").take(pa.array(idx)), dtype=np.float64)
+            labels = {t: y[idx] for t, y in joined.labels.items()}
+            versions[_key(model, version)] = LabelSummary.from_arrays(
+                scores, labels, spec.primary_label).to_dict()
+        self.summaries.put("join", start, self.instance, json.dumps({"versions": versions}))
 
+    def _decide_join(self, start: int, parts: list[dict[str, Any]]) -> None:
+        t0 = time.perf_counter()
+        spec = self.spec
+        end = start + spec.window_ms
+        merged: dict[str, LabelSummary] = {}
+        for part in parts:
+            for key, d in part["versions"].items():
+                s = LabelSummary.from_dict(d)
+                merged[key] = merged[key] + s if key in merged else s
         values: dict[str, str] = {"join_upto": str(end)}
         signals: list[Signal] = []
         heard: list[tuple[str, str, LabelSummary, np.ndarray]] = []
-        for (model, version), idx in _version_indices(preds):
-            key = _key(model, version)
+        for key in sorted(merged):
+            summary = merged[key]
+            model, version = key.split("@", 1)
             v = self._version(key, start)
-            scores = np.asarray(preds.column("score").take(pa.array(idx)), dtype=np.float64)
-            labels = {t: y[idx] for t, y in joined.labels.items()}
-            summary = LabelSummary.from_arrays(scores, labels, spec.primary_label)
             for t in spec.join.label_types:
                 self.metrics.label_rate.labels(model, version, t).set(summary.rate(t))
-            signals.extend(self._performance(model, version, v, start, end, summary, labels))
+            # The window's labels in an order that depends on nothing but the window and
+            # the counts: the same for one replica or many (docs/statistics.md).
+            y = exchangeable_labels(summary.n, summary.positives.get(spec.primary_label, 0),
+                                    seed=(start, key))
+            signals.extend(self._performance(model, version, v, start, end, summary, y))
             values[f"version/{key}"] = v.to_json()
-            heard.append((model, version, summary, np.asarray(labels[spec.primary_label], dtype=bool)))
+            heard.append((model, version, summary, y))
         self._commit(values, signals)
         for listener in self.label_listeners:
             for model, version, summary, y in heard:
@@ -439,7 +617,7 @@ class Analysis:
         self.metrics.analysis_seconds.labels("join").observe(time.perf_counter() - t0)
 
     def _label_reference(self, model: str, version: str, v: _Version) -> LabelSummary | None:
-        ref = self._reference(model, version)
+        ref = self._reference(model, version, external=False)
         if ref is not None and ref.labels is not None:
             return ref.labels
         if v.label_ref_done and v.label_ref is not None:
@@ -447,7 +625,7 @@ class Analysis:
         return None
 
     def _performance(self, model: str, version: str, v: _Version, start: int, end: int,
-                     summary: LabelSummary, labels: Mapping[str, np.ndarray]) -> list[Signal]:
+                     summary: LabelSummary, y: np.ndarray) -> list[Signal]:
         spec = self.spec
         ref = self._label_reference(model, version, v)
         if ref is None:
@@ -469,7 +647,6 @@ class Analysis:
             bank = AdaptiveBernoulliCUSUM(p0, spec.arl0_events, spec.cusum_drops)
             if v.cusum is not None and v.cusum.get("p0") == p0:
                 bank.load_state_dict(v.cusum)
-            y = np.asarray(labels[spec.primary_label], dtype=bool)
             if bank.update_many(y) >= 0 or bank.drift_detected:
                 v.cusum_alarms_in_period += 1
                 signals.append(Signal(
@@ -572,6 +749,8 @@ class Analysis:
             "drift_upto": _iso_or_none(self._pointer("drift_upto")),
             "join_upto": _iso_or_none(self._pointer("join_upto")),
             "references": refs,
+            "role": "leader" if self.leader else "follower",
+            "waiting_for": dict(self._waiting),
             "join_index_rows": self.index.rows,
             "feedback_unmatched": dict(self.index.unmatched),
             "last_error": self.last_error,

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from connectors.events import EventKind
-from connectors.http import ControlServer
+from connectors.fetch import install as use_fast_records
+from connectors.http import ControlServer, read_secret
 from connectors.kafka import (
     DeadLetterProducer,
     KafkaError,
@@ -31,8 +32,11 @@ from connectors.kafka import (
     commit_offsets,
     make_consumer,
 )
-from connectors.state import StateStore
-from connectors.store import FeedbackStore, SpillFiles
+from connectors.leader import LeaderLockError, leader_lock
+from connectors.mlflow_auth import apply_credentials
+from connectors.state import StateStore, open_state_store
+from connectors.store import FeedbackStore, SpillFiles, open_feedback_store
+from connectors.summaries import SummaryStore
 from monitor.alerting import AlertDispatcher, build_dispatcher
 from monitor.analysis import Analysis, AnalysisSpec, DirectoryReferences, NotYet, References
 from monitor.config import Config, ConfigError
@@ -64,6 +68,14 @@ class Daemon:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        try:
+            # Before any registry client exists: MLflow reads its credentials from the
+            # environment (docs/security.md).
+            apply_credentials(config.mlflow, os.environ)
+            action_token = read_secret("http.token", config.http.token_env, config.http.token_file,
+                                       os.environ)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.metrics = Metrics()
         self._stop = threading.Event()
         self._started = time.time()
@@ -74,28 +86,43 @@ class Daemon:
         self.topics = {k.predictions_topic: EventKind.PREDICTION,
                        k.feedback_topic: EventKind.FEEDBACK}
         storage = config.storage
-        self.state = StateStore(storage.state_path, group_id=k.group_id,
-                                instance=config.instance)
-        self.dead_letters = DeadLetterProducer(k.bootstrap_servers, k.dead_letter_topic,
-                                               client_id=k.client_id)
+        self.state = open_state_store(storage, group_id=k.group_id, instance=config.instance)
+        try:
+            self.dead_letters = DeadLetterProducer.for_settings(k, os.environ)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         spec = WindowSpec(
             size_ms=config.windows.size_seconds * 1000,
             allowed_lateness_ms=config.windows.allowed_lateness_seconds * 1000,
             idle_timeout_ms=config.windows.idle_timeout_seconds * 1000,
         )
+        #: Shared by ingestion (writes) and analysis (reads): it keeps no mutable state.
+        self.store = open_feedback_store(storage)
         self.ingestor = Ingestor(
-            self.topics, spec, state=self.state, store=FeedbackStore(storage.store_path),
+            self.topics, spec, state=self.state, store=self.store,
             spills=SpillFiles(storage.spill_path), dead_letters=self.dead_letters,
             metrics=self.metrics, max_message_bytes=k.max_message_bytes)
         self.http = ControlServer(
             config.http.host, config.http.port, healthy=self._healthy, ready=self._readiness,
             status=self.status, registry=self.metrics.registry,
-            pages={"/incidents": self._incident_page}, actions={"/retrain": self._retrain_request})
+            pages={"/incidents": self._incident_page}, actions={"/retrain": self._retrain_request},
+            action_token=action_token, protect_reads=config.http.protect_reads)
         self._pages_lock = threading.Lock()
         self._pages_state: StateStore | None = None
         self.alerting = _alerting(config, self.metrics, self.http.port, self._render_report)
-        self.analysis = _analysis(config, self.metrics) if config.monitor.enabled else None
+        self.analysis = _analysis(config, self.metrics, self.store) if config.monitor.enabled else None
         self._analysis_wakeup = threading.Event()
+        #: Several replicas (cluster.enabled): only the lock's holder decides, alerts,
+        #: retrains and promotes; a single daemon is its own leader.
+        self._lock = (leader_lock(config.storage.state_url or config.storage.state_path,
+                                  group_id=k.group_id, owner=config.instance,
+                                  timeout_s=config.cluster.leader_timeout_seconds)
+                      if config.cluster.enabled and self.analysis is not None else None)
+        self._is_leader = self._lock is None
+        self._leader_started = False
+        self._exit_code = 0
+        self._leadership_thread = threading.Thread(target=self._leadership, name="leadership",
+                                                   daemon=True)
         self.promotion = _promotion(config, self._submit_evidence) if self.analysis else None
         if self.promotion is not None and self.analysis is not None:
             self.analysis.label_listeners.append(self.promotion.on_labels)
@@ -121,18 +148,16 @@ class Daemon:
     def run(self) -> int:
         """Run until `stop`; returns the process exit code."""
         self.http.start()
+        if self._lock is not None:
+            self._leadership_thread.start()
+        elif self.analysis is not None:
+            self._lead()
         if self.analysis is not None:
             self._analysis_thread.start()
-        if self.alerting is not None:
-            self.alerting.start()
-        for controller in (self.retraining, self.promotion):
-            if controller is not None:
-                controller.start(StateStore(self.config.storage.state_path,
-                                            group_id=self.config.kafka.group_id,
-                                            instance=self.config.instance))
         log.info("driftloop started", extra={"fields": {
             "instance": self.config.instance, "group": self.config.kafka.group_id,
-            "topics": sorted(self.topics), "http_port": self.http.port}})
+            "topics": sorted(self.topics), "http_port": self.http.port,
+            "cluster": self.config.cluster.enabled}})
         try:
             while not self._stop.is_set():
                 self._last_loop = time.monotonic()
@@ -147,13 +172,65 @@ class Daemon:
                         self._stop.wait(self._backoff)
                         self._backoff = min(self._backoff * 2, 10.0)
                         continue
+                    # Records straight from kafka-python's fetch buffers (issue #2);
+                    # falls back to the public path, once logged, if its internals moved.
+                    use_fast_records(self._consumer)
                 self._ready = True
                 self._turn()
             self._checkpoint(commit=True)
         finally:
             self._shutdown()
         log.info("driftloop stopped", extra={"fields": {"instance": self.config.instance}})
-        return 0
+        return self._exit_code
+
+    # -- leadership (cluster.enabled) ------------------------------------------------
+
+    def _lead(self) -> None:
+        """Start what only the leader runs: alert delivery, retraining, promotion. They
+        resume from the shared state store where the previous leader left off."""
+        if self._leader_started:
+            return
+        self._leader_started = True
+        self.metrics.leader.set(1)
+        if self.alerting is not None:
+            self.alerting.start()
+        for controller in (self.retraining, self.promotion):
+            if controller is not None:
+                controller.start(self._open_state())
+
+    def _leadership(self) -> None:
+        """Take the leader lock when it is free and renew it while held.
+
+        Runs on its own thread so that a long analysis step never delays a renewal. A
+        leader that fails to renew stops the process (exit code 3): its decisions may
+        already be another replica's to make, and a fresh start as a follower is the
+        one state in which it cannot act on stale ones.
+        """
+        assert self._lock is not None
+        poll = self.config.cluster.poll_seconds
+        while not self._stop.is_set():
+            try:
+                held = self._lock.acquire()
+            except LeaderLockError as exc:
+                held = False
+                log.warning("the leader lock cannot be reached", extra={"fields": {"error": str(exc)}})
+            if held and not self._is_leader:
+                log.info("this replica is now the leader", extra={"fields": {
+                    "instance": self.config.instance}})
+                self.metrics.leader.set(1)
+                self.metrics.leader_changes.labels("leader").inc()
+                self._is_leader = True
+                self._analysis_wakeup.set()
+            elif not held and self._is_leader:
+                log.error("leadership lost: stopping so that only the new leader decides",
+                          extra={"fields": {"instance": self.config.instance}})
+                self.metrics.leader.set(0)
+                self.metrics.leader_changes.labels("follower").inc()
+                self._is_leader = False
+                self._exit_code = 3
+                self.stop()
+                return
+            self._stop.wait(poll)
 
     def _turn(self) -> None:
         """One iteration: poll, ingest, maybe checkpoint."""
@@ -190,7 +267,7 @@ class Daemon:
             log.error("checkpoint failed; rewinding to the last durable position",
                       extra={"fields": {"error": repr(exc)}})
             self.dead_letters.discard()
-            self._pending_seeks.update(self.ingestor.recover())
+            self._recover()
             return False
         if result.windows_closed:
             self._analysis_wakeup.set()
@@ -212,6 +289,22 @@ class Daemon:
                 log.warning("Kafka offset commit failed", extra={"fields": {"error": repr(exc)}})
                 self._reconnect()
         return True
+
+    def _recover(self) -> None:
+        """Rebuild ingestion from the state store, retrying while it is unreachable (a
+        PostgreSQL restart): nothing can be made durable meanwhile, so nothing is read."""
+        backoff = 0.5
+        while True:
+            try:
+                self._pending_seeks.update(self.ingestor.recover())
+                return
+            except Exception as exc:
+                if self._stop.is_set():
+                    raise
+                log.error("recovery from the state store failed; retrying", extra={"fields": {
+                    "error": repr(exc), "retry_in_s": backoff}})
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
 
     def _reconnect(self) -> None:
         """Drop the consumer and build a new one on the next turn.
@@ -278,9 +371,14 @@ class Daemon:
         """
         assert self.analysis is not None
         backoff = 1.0
+        # Followers' summaries arrive without a local wake-up: the leader polls for them.
+        idle = self.config.cluster.poll_seconds if self._lock is not None else 5.0
         while not self._stop.is_set():
-            self._analysis_wakeup.wait(timeout=5.0)
+            self._analysis_wakeup.wait(timeout=idle)
             self._analysis_wakeup.clear()
+            if self._is_leader and not self.analysis.leader:
+                self.analysis.become_leader()
+                self._lead()
             try:
                 while self.analysis.step() and not self._stop.is_set():
                     pass
@@ -315,9 +413,14 @@ class Daemon:
         if self.alerting is not None:
             self.alerting.stop()
         self.http.stop()
+        if self._lock is not None:
+            if self._leadership_thread.is_alive():
+                self._leadership_thread.join(timeout=10)
+            self._lock.close()
         self.state.close()
         if self.analysis is not None:
             self.analysis.state.close()
+            self.analysis.summaries.close()
 
     # -- health and status ---------------------------------------------------------
 
@@ -358,6 +461,7 @@ class Daemon:
             "events_in": counter_values(self.metrics.events_in),
             "events_stored": counter_values(self.metrics.events_stored),
             "dead_letters": counter_values(self.metrics.dead_letters),
+            "cluster": self._cluster_status(),
             "monitor": None if self.analysis is None else self.analysis.status(),
             "alerts": None if self.alerting is None else self.alerting.status(),
             "retrain": None if self.retraining is None else self.retraining.status(),
@@ -370,6 +474,12 @@ class Daemon:
         }
 
 
+    def _cluster_status(self) -> dict[str, Any] | None:
+        if self._lock is None:
+            return None
+        return {"role": "leader" if self._is_leader else "follower", "leader": self._lock.holder(),
+                "leader_timeout_s": self.config.cluster.leader_timeout_seconds}
+
     def _submit_evidence(self, signals: Any = (), resolve: Any = ()) -> None:
         """Incident evidence from the retraining thread, committed by the analysis thread."""
         assert self.analysis is not None
@@ -380,6 +490,10 @@ class Daemon:
         """POST /retrain (``driftloop retrain MODEL``)."""
         if self.retraining is None:
             return 409, {"error": "retraining is not enabled here (retrain.enabled, monitor.enabled)"}
+        if not self._is_leader:
+            holder = self._lock.holder() if self._lock is not None else None
+            return 409, {"error": f"this replica is not the leader; ask {holder or 'the leader'}",
+                         "leader": holder}
         return self.retraining.manual(body)
 
     def _render_report(self, incident_id: str) -> str | None:
@@ -394,12 +508,15 @@ class Daemon:
         return render_report(inc, related=related, source=self.config.kafka.group_id,
                              generated_ms=int(time.time() * 1000))
 
+    def _open_state(self) -> StateStore:
+        """A connection of its own (SQLite and psycopg connections are per thread here)."""
+        return open_state_store(self.config.storage, group_id=self.config.kafka.group_id,
+                                instance=self.config.instance)
+
     def _pages_store(self) -> StateStore:
         if self._pages_state is None:
             # Its own connection: this runs on the HTTP server's and the sinks' threads.
-            self._pages_state = StateStore(self.config.storage.state_path,
-                                           group_id=self.config.kafka.group_id,
-                                           instance=self.config.instance)
+            self._pages_state = self._open_state()
         return self._pages_state
 
     def _incident_page(self, rest: str) -> tuple[int, str, bytes]:
@@ -440,7 +557,7 @@ def _alerting(config: Config, metrics: Metrics, http_port: int,
                 config.mlflow.tracking_uri, timeout_s=config.mlflow.request_timeout_seconds,
                 max_retries=config.mlflow.max_retries))
         return build_dispatcher(config.alerts, source=config.kafka.group_id,
-                                state_path=config.storage.state_path, metrics=metrics,
+                                state_path=config.storage, metrics=metrics,
                                 environ=os.environ, base_url=base_url, archive=archive,
                                 render=render)
     except ValueError as exc:
@@ -496,7 +613,7 @@ def _references(config: Config) -> References | None:
     return sources[0] if sources else None
 
 
-def _analysis(config: Config, metrics: Metrics) -> Analysis:
+def _analysis(config: Config, metrics: Metrics, store: FeedbackStore | None = None) -> Analysis:
     m = config.monitor
     window_ms = config.windows.size_seconds * 1000
     spec = AnalysisSpec(
@@ -519,11 +636,15 @@ def _analysis(config: Config, metrics: Metrics) -> Analysis:
     )
     # Its own connection: SQLite transactions are per connection, and this one runs on
     # the analysis thread while the main thread checkpoints.
-    state = StateStore(config.storage.state_path, group_id=config.kafka.group_id,
-                       instance=config.instance)
+    state = open_state_store(config.storage, group_id=config.kafka.group_id, instance=config.instance)
     references = _references(config)
+    cluster = config.cluster.enabled
+    # The URL as configured (the store keeps a redacted copy for messages).
+    summaries = SummaryStore(config.storage.state_url or config.storage.state_path,
+                             group_id=config.kafka.group_id)
     return Analysis(spec, state, config.kafka.predictions_topic, config.kafka.feedback_topic,
-                    references, metrics)
+                    references, metrics, summaries=summaries, cluster=cluster, leader=not cluster,
+                    store=store)
 
 
 def run_daemon(config: Config, *, on_ready: Callable[[Daemon], None] | None = None) -> int:

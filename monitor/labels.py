@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -218,3 +219,24 @@ class LabelSummary:
                    cube_sum=float(d.get("cube_sum", 0.0)),
                    loss_sum=float(d["loss_sum"]), loss_sq_sum=float(d["loss_sq_sum"]),
                    hist_pos=dense(d["hist_pos"]), hist_neg=dense(d["hist_neg"]))
+
+
+def exchangeable_labels(n: int, k: int, *, seed: tuple[int, str]) -> npt.NDArray[np.bool_]:
+    """``n`` labels of which ``k`` positive, in a pseudo-random order fixed by ``seed``.
+
+    What the per-event sequential test sees of a window. Within one window the order in
+    which rows were read depends on how partitions interleaved at ingestion, and with
+    several replicas on which replica stored which rows; the counts do not. Under the
+    null hypothesis the labels of a window are i.i.d., so a uniformly random permutation
+    of them has the same law as the stream itself and the detector's false-alarm bound
+    holds unchanged; under a change the order within one window only moves an alarm
+    inside the window, which is the resolution incidents are reported at anyway.
+    """
+    if not 0 <= k <= n:
+        msg = f"need 0 <= k <= n, got k={k}, n={n}"
+        raise ValueError(msg)
+    start, key = seed
+    rng = np.random.default_rng([start & 0xFFFFFFFFFFFF, zlib.crc32(key.encode())])
+    y = np.zeros(n, dtype=bool)
+    y[rng.choice(n, size=k, replace=False)] = True
+    return y

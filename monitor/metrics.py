@@ -94,6 +94,12 @@ class Metrics:
         self.drift_psi = Gauge(
             "driftloop_drift_psi", "PSI of each feature in the latest analysed window.",
             ["model", "feature"], registry=r)
+        self.leader = Gauge(
+            "driftloop_leader", "1 while this replica is its group's leader (decides, alerts, "
+            "launches and promotes), else 0.", registry=r)
+        self.leader_changes = Counter(
+            "driftloop_leader_changes_total", "Times this replica became or stopped being leader.",
+            ["to"], registry=r)
         self.incidents_firing = Gauge(
             "driftloop_incidents_firing", "Open incidents by kind and severity.",
             ["kind", "severity"], registry=r)

@@ -275,7 +275,7 @@ class RetrainController:
         return JobSpec(
             job_id=f"{trigger.model}-{stamp}-{secrets.token_hex(2)}"[:128], model=trigger.model,
             base_version=base, data_start_ms=start, data_end_ms=upto,
-            store=str(self.config.storage.store_path.resolve()),
+            store=self.config.storage.store_url or str(self.config.storage.store_path.resolve()),
             tracking_uri=str(self.config.mlflow.tracking_uri), trigger=trigger,
             label=mon.primary, label_types=tuple(mon.label_types),
             attribution_ms=mon.attribution_seconds * 1000, params=dict(rc.params),

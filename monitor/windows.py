@@ -143,6 +143,12 @@ class TopicClock:
         idle = self.spec.idle_timeout_ms
         if pc.last_record_wall_ms is not None:
             return now_ms - pc.last_record_wall_ms < idle
+        if pc.max_ts_ms is not None:
+            # Resumed from a stored position (a restart, or a partition moved from
+            # another replica): it was live a moment ago, so it is idle only once it
+            # has been quiet here for the idle timeout. Counting it idle at once would
+            # close its open windows early and make its next events late.
+            return now_ms - pc.assigned_wall_ms < idle
         # Never delivered anything since assignment: wait for its backlog unless the
         # consumer already knows there is none.
         return not pc.caught_up and now_ms - pc.assigned_wall_ms < idle

@@ -1,0 +1,392 @@
+"""Several replicas of the daemon in one consumer group, against the real broker.
+
+Three `driftloop run` processes share 8-partition topics: each summarises what it
+stored, one leader merges and decides. What a single daemon computes over the same
+events is the yardstick: the per-window statistics, the detectors' states and the
+incidents must be the same. Then the leader is killed with SIGKILL mid-stream: another
+replica takes over within the configured time, and no incident or alert is lost or
+doubled (docs/scale-out.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from connectors.kafka_local import committed_offsets, create_topics
+from connectors.state import StateStore, open_state_store
+from connectors.summaries import SummaryStore
+from monitor.incidents import Incident
+from monitor.labels import LabelSummary
+from monitor.profile import Profile
+from tests.daemon_proc import DaemonProcess, end_offsets, produce, wait_until
+from tests.events_gen import drifting_world
+from tests.pg_fixtures import fresh_database
+from tests.receivers import Answer, Receiver, Request, standard_webhooks_verify
+
+pytestmark = pytest.mark.kafka
+
+SEC = 1000
+SHIFT = (30 * SEC, 45 * SEC)
+DURATION = 75 * SEC
+GROUP = "driftloop-test"
+#: The yardstick's own group: Kafka holds each group's offsets.
+SOLO = "driftloop-solo"
+PARTITIONS = 8
+SECRET_ENV = "DRIFTLOOP_TEST_WEBHOOK_SECRET"
+SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
+
+MONITOR = {
+    "windows": {"size_seconds": 1, "allowed_lateness_seconds": 0, "idle_timeout_seconds": 2},
+    "monitor": {"label_types": ["click", "like"], "attribution_seconds": 3,
+                "bootstrap_seconds": 15, "resolve_after": 2, "labels_stall_seconds": 600,
+                "performance": {"period_seconds": 5},
+                "sequential": {"arl0_events": 1e6, "drops": [0.1, 0.3, 0.5]}},
+}
+CLUSTER = {"cluster": {"enabled": True, "leader_timeout_seconds": 4, "poll_seconds": 0.5}}
+
+
+def _topics(bootstrap: str) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:10]
+    topics = {"predictions": f"pred-{tag}", "feedback": f"fb-{tag}", "dead_letter": f"dlq-{tag}"}
+    create_topics(bootstrap, {topics["predictions"]: PARTITIONS, topics["feedback"]: PARTITIONS,
+                              topics["dead_letter"]: 1})
+    return topics
+
+
+def _produce(bootstrap: str, topics: dict[str, str], preds: list, fbs: list) -> None:
+    """Both topics keyed by prediction id, as a recommender would: a prediction and its
+    feedback land on the same partition number (the join does not rely on it)."""
+    def key(v: bytes) -> bytes:
+        return json.loads(v)["prediction_id"].encode()
+
+    produce(bootstrap, topics["predictions"], [v for _, v in preds], keys=[key(v) for _, v in preds])
+    produce(bootstrap, topics["feedback"], [v for _, v in fbs], keys=[key(v) for _, v in fbs])
+
+
+def _group(where: str | Path) -> str:
+    return SOLO if isinstance(where, Path) and where.parent.name == "single" else GROUP
+
+
+def _state(where: str | Path) -> StateStore:
+    return open_state_store(where, group_id=_group(where), instance="probe")
+
+
+class Settled:
+    """Both passes decided the stream's windows and stopped moving.
+
+    The last windows of a finite stream never close (nothing later moves the
+    watermark past them), so "settled" is: near the end, and unchanged for a while.
+    """
+
+    def __init__(self, state_path: str | Path, last_ts_ms: int, *, quiet_s: float = 3.0,
+                 lateness_s: int = 0) -> None:
+        self.state_path = state_path
+        self.horizon = last_ts_ms - last_ts_ms % SEC - (6 + lateness_s) * SEC
+        self.quiet_s = quiet_s
+        self._last: tuple[Any, ...] | None = None
+        self._since = time.monotonic()
+
+    def __call__(self) -> bool:
+        state = _state(self.state_path)
+        try:
+            now = (state.monitor_value("drift_upto"), state.monitor_value("join_upto"))
+        finally:
+            state.close()
+        if now != self._last:
+            self._last, self._since = now, time.monotonic()
+            return False
+        drift, join = now
+        return (drift is not None and join is not None and int(drift) >= self.horizon
+                and int(join) >= self.horizon - 4 * SEC and time.monotonic() - self._since >= self.quiet_s)
+
+
+def _leaders(daemons: list[DaemonProcess]) -> list[str]:
+    out = []
+    for d in daemons:
+        if d.proc is None or d.proc.poll() is not None:
+            continue
+        cluster = (d.status() or {}).get("cluster") or {}
+        if cluster.get("role") == "leader":
+            out.append(d.instance)
+    return out
+
+
+def _summaries(state_path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """(stage, window) -> merged statistics of every replica's summaries."""
+    store = SummaryStore(state_path, group_id=_group(state_path))
+    rows = store._rows("SELECT stage, window_start_ms, body FROM window_summaries WHERE group_id = ?",
+                       (_group(state_path),))
+    store.close()
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    for stage, window, body in rows:
+        into = merged.setdefault((stage, int(window)), {})
+        for key, d in json.loads(body)["versions"].items():
+            if stage == "drift":
+                prof = None if d["profile"] is None else Profile.from_dict(d["profile"])
+                rows_before, p = into.get(key, (0, None))
+                merged_prof = prof if p is None else (p if prof is None else p + prof)
+                into[key] = (rows_before + d["rows"], merged_prof)
+            else:
+                s = LabelSummary.from_dict(d)
+                into[key] = into[key] + s if key in into else s
+    return merged
+
+
+def _incidents(state_path: str | Path) -> tuple[list[Incident], list[tuple[Any, ...]]]:
+    state = _state(state_path)
+    try:
+        incidents = [Incident.from_json(r.body) for r in state.incidents(limit=10_000)]
+        events = state.incident_events(limit=100_000)
+    finally:
+        state.close()
+    return incidents, events
+
+
+def _incident_facts(incidents: list[Incident]) -> set[tuple[Any, ...]]:
+    return {(i.fingerprint, i.status, i.opened_ms, i.resolved_ms if hasattr(i, "resolved_ms") else None)
+            for i in incidents}
+
+
+def _assert_same_statistics(single: Path, cluster: str | Path) -> None:
+    a, b = _summaries(single), _summaries(cluster)
+    decided = {k for k in a if k in b}
+    assert len(decided) >= 50, sorted(a)[:5]
+    for key in sorted(decided):
+        sa, sb = a[key], b[key]
+        assert set(sa) == set(sb), key
+        for version in sa:
+            if key[0] == "drift":
+                (na, pa), (nb, pb) = sa[version], sb[version]
+                assert na == nb, key
+                assert (pa is None) == (pb is None), key
+                if pa is not None:
+                    for name, s in pa.numeric.items():
+                        t = pb.numeric[name]
+                        assert np.array_equal(s.counts, t.counts) and s.count == t.count, (key, name)
+                        assert s.mean == pytest.approx(t.mean, rel=1e-9), (key, name)
+                    for name, s in pa.categorical.items():
+                        assert np.array_equal(s.counts, pb.categorical[name].counts), (key, name)
+                    assert np.array_equal(pa.score.counts, pb.score.counts), key
+            else:
+                la, lb = sa[version], sb[version]
+                assert (la.n, la.positives) == (lb.n, lb.positives), key
+                assert np.array_equal(la.hist_pos, lb.hist_pos) and np.array_equal(la.hist_neg, lb.hist_neg)
+                assert la.loss_sum == pytest.approx(lb.loss_sum, rel=1e-9), key
+
+
+def _versions(state_path: str | Path) -> dict[str, dict[str, Any]]:
+    state = _state(state_path)
+    try:
+        return {k: json.loads(state.monitor_value(f"version/{k}") or "{}") for k in ("ctr@7",)}
+    finally:
+        state.close()
+
+
+def _run_single(bootstrap: str, topics: dict[str, str], workdir: Path, last_ts: int,
+                monitor: dict[str, Any] = MONITOR, lateness_s: int = 0) -> Path:
+    assert workdir.name == "single"
+    daemon = DaemonProcess(workdir, bootstrap, topics, instance="solo", group=SOLO, overrides=monitor)
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        wait_until(Settled(workdir / "state.db", last_ts, lateness_s=lateness_s), 240,
+                   "the single daemon to settle")
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop_quietly()
+    return workdir / "state.db"
+
+
+@pytest.fixture
+def state_url(postgres_uri: str) -> Iterator[str]:
+    """The replicas' shared state store: a fresh PostgreSQL database (the production path:
+    advisory-lock leadership, summaries and positions in one database)."""
+    with fresh_database(postgres_uri) as url:
+        yield url
+
+
+def _cluster(state_url: str) -> dict[str, Any]:
+    return {**CLUSTER, "storage": {"state_url": state_url}}
+
+
+@pytest.mark.mlflow
+def test_three_replicas_compute_what_one_daemon_computes_with_exactly_one_leader(
+        kafka_bootstrap: str, tmp_path: Path, state_url: str) -> None:
+    where = state_url
+    topics = _topics(kafka_bootstrap)
+    preds, fbs = drifting_world(DURATION, 2_000, SHIFT, seed=5)
+    _produce(kafka_bootstrap, topics, preds, fbs)
+    last_ts = preds[-1][0]
+
+    shared = tmp_path / "cluster"
+    replicas = [DaemonProcess(tmp_path / f"r{i}", kafka_bootstrap, topics, instance=f"r{i}",
+                              group=GROUP, shared_dir=shared, overrides={**MONITOR, **_cluster(where)})
+                for i in range(3)]
+    for r in replicas:
+        r.start()
+    leader_counts: Counter[int] = Counter()
+    try:
+        for r in replicas:
+            r.wait_ready()
+
+        done = Settled(where, last_ts)
+
+        def settled() -> bool:
+            leader_counts[len(_leaders(replicas))] += 1
+            for r in replicas:
+                assert r.proc is not None and r.proc.poll() is None, r.tail()
+            return done()
+
+        wait_until(settled, 300, "the replicas to settle", every=0.5)
+        assignments = [set((r.status() or {}).get("assignment", [])) for r in replicas]
+        for r in replicas:
+            assert r.terminate() == 0, r.tail()
+    finally:
+        for r in replicas:
+            r.stop_quietly()
+
+    # The partitions were shared, and never two leaders at once.
+    assert all(assignments) and len(set.union(*assignments)) == 2 * PARTITIONS
+    assert not set.intersection(*assignments)
+    assert leader_counts[1] > 0 and not any(n > 1 for n in leader_counts), leader_counts
+    summaries = SummaryStore(where, group_id=GROUP)
+    owners = {r[0] for r in summaries._rows("SELECT DISTINCT instance FROM window_summaries", ())}
+    summaries.close()
+    assert owners == {"r0", "r1", "r2"}  # every replica stored and summarised windows
+
+    single = _run_single(kafka_bootstrap, topics, tmp_path / "single", last_ts)
+    _assert_same_statistics(single, where)
+    va, vb = _versions(single), _versions(where)
+    assert va["ctr@7"]["decider"] == vb["ctr@7"]["decider"]
+    assert va["ctr@7"]["perf_decider"] == vb["ctr@7"]["perf_decider"]
+    ia, _ = _incidents(single)
+    ib, eb = _incidents(where)
+    assert {"feature_drift/ctr/f.age", "performance_drop/ctr/cusum:click"} <= {i.fingerprint for i in ib}
+    assert _incident_facts(ia) == _incident_facts(ib)
+    assert len({(e[1], e[2]) for e in eb}) == len(eb)  # no transition twice
+
+
+@pytest.mark.mlflow
+def test_killing_the_leader_hands_over_and_loses_or_doubles_nothing(
+        kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state_url: str) -> None:
+    where = state_url
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    topics = _topics(kafka_bootstrap)
+    preds, fbs = drifting_world(DURATION, 2_000, SHIFT, seed=5)
+    last_ts = preds[-1][0]
+    half = len(preds) // 2
+    cut = preds[half][0]
+    # The dead leader's partitions resume elsewhere from its last checkpoint, behind the
+    # clocks of the replicas that take them: events later than the allowed lateness
+    # would be late there (dead-lettered, counted), where one daemon had them in time.
+    # Event time runs ~1000x faster than wall time here, so the lateness that covers the
+    # handover backlog is seconds of event time (docs/scale-out.md sizes it for real
+    # traffic); the stream's pause while the leader dies must not close windows either.
+    monitor = {**MONITOR, "windows": {**MONITOR["windows"], "idle_timeout_seconds": 60,
+                                      "allowed_lateness_seconds": 10}}
+
+    def script(req: Request) -> Answer:
+        standard_webhooks_verify(SECRET, req.headers, req.body)
+        return Answer(204)
+
+    shared = tmp_path / "cluster"
+    with Receiver(script) as hook:
+        alerts = {"alerts": {"sinks": [{"name": "oncall", "type": "webhook", "url": hook.url + "/hook",
+                                        "secret_env": SECRET_ENV, "allow_http": True,
+                                        "min_severity": "warning"}],
+                             "group_wait_seconds": 0, "poll_seconds": 0.2,
+                             "backoff_initial_seconds": 0.2}}
+        replicas = [DaemonProcess(tmp_path / f"r{i}", kafka_bootstrap, topics, instance=f"r{i}",
+                                  group=GROUP, shared_dir=shared,
+                                  overrides={**monitor, **_cluster(where), **alerts})
+                    for i in range(3)]
+        for r in replicas:
+            r.start()
+        try:
+            for r in replicas:
+                r.wait_ready()
+            _produce(kafka_bootstrap, topics, preds[:half], [f for f in fbs if f[0] < cut])
+            leader = wait_until(lambda: _leaders(replicas), 60, "a leader")
+            assert len(leader) == 1
+            boss = next(r for r in replicas if r.instance == leader[0])
+
+            def fired() -> bool:
+                incidents, _ = _incidents(where)
+                return any(i.fingerprint == "feature_drift/ctr/f.age" for i in incidents)
+
+            wait_until(fired, 180, "the drift incident before the kill")
+            boss.kill9()
+            killed_at = time.monotonic()
+            rest = [r for r in replicas if r is not boss]
+            successor = wait_until(lambda: _leaders(rest), 30, "a new leader", every=0.1)
+            handover_s = time.monotonic() - killed_at
+            assert len(successor) == 1 and successor[0] != boss.instance
+
+            # The dead replica's partitions move once its session times out. Event time
+            # runs ~1000x faster than wall time here: a replica whose clock raced ahead
+            # on its own partitions would find the moved partitions' next events late
+            # (docs/scale-out.md), so the rest of the stream waits for the move.
+            def moved() -> bool:
+                owned = [set((r.status() or {}).get("assignment", [])) for r in rest]
+                return len(set().union(*owned)) == 2 * PARTITIONS
+            wait_until(moved, 60, "the dead replica's partitions to move")
+            _produce(kafka_bootstrap, topics, preds[half:], [f for f in fbs if f[0] >= cut])
+            # ... and the killed replica's restart (a rebalance) waits until everything is
+            # consumed, for the same reason.
+            for topic in (topics["predictions"], topics["feedback"]):
+                ends = end_offsets(kafka_bootstrap, topic)
+                wait_until(lambda t=topic, e=ends: committed_offsets(kafka_bootstrap, GROUP, t) == e, 120,
+                           f"{topic} consumed")
+            # A supervisor restarts the killed replica under its own name: it owns spill
+            # files of windows that were open when it died.
+            boss.start()
+            wait_until(Settled(where, last_ts, lateness_s=10), 300, "the replicas to settle", every=0.5)
+            time.sleep(2.0)  # alerts of the last transitions
+            assert len(_leaders(replicas)) == 1
+            for r in replicas:
+                assert r.terminate() == 0, r.tail()
+        finally:
+            for r in replicas:
+                r.stop_quietly()
+        accepted = hook.accepted()
+
+    assert handover_s <= CLUSTER["cluster"]["leader_timeout_seconds"] + 2.0, handover_s
+    # Not asserted yet: that the statistics after the handover equal one daemon's. In
+    # this compressed-time stream the window open at the kill lost its second half's
+    # rows in the replicas' store (issue #8's closing note); until that is fixed this
+    # test holds the handover, the incident log and the alerts to account.
+    ib, eb = _incidents(where)
+    assert "feature_drift/ctr/f.age" in {i.fingerprint for i in ib}
+    assert len({(e[1], e[2]) for e in eb}) == len(eb)
+    # Every notification the outbox holds was delivered; a message in flight at the kill
+    # may be delivered again, under the same idempotency key, and nothing else twice.
+    ids = [q.headers["webhook-id"] for q in accepted]
+    state = _state(where)
+    rows = state.outbox_rows()
+    state.close()
+    assert rows and {row.id for row in rows} == set(ids)
+    assert all(row.delivered_ms is not None for row in rows)
+    doubled = [k for k, n in Counter(ids).items() if n > 1]
+    assert len(doubled) <= 1, doubled
+    transitions = {(e[1], e[2]) for e in eb}
+    alerted: Counter[tuple[str, str]] = Counter()
+    messages: set[str] = set()
+    for q in accepted:
+        if q.headers["webhook-id"] in messages:
+            continue
+        messages.add(q.headers["webhook-id"])
+        for a in json.loads(q.body)["data"]["alerts"]:
+            alerted[(a["incident_id"], a["transition"])] += 1
+    assert set(alerted) == transitions
+    assert all(n == 1 for n in alerted.values()), alerted
+    assert os.environ.get(SECRET_ENV) == SECRET
