@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from connectors.events import DecodeFailure, EventKind, Reason, decode_batch
 from connectors.state import (
+    CommitOutcomeUnknown,
     PositionUpdate,
     SegmentRecord,
     SpillRecord,
@@ -343,12 +344,15 @@ class Ingestor:
             if updates or new_segments or new_spills or closed_upto:
                 self.state.checkpoint(updates, new_spills=new_spills, dropped_spills=dropped,
                                       new_segments=new_segments, closed_upto=closed_upto)
-        except BaseException:
-            for path in written:
-                if path.suffix == ".parquet":
-                    self.store.discard(path)
-                else:
-                    path.unlink(missing_ok=True)
+        except BaseException as exc:
+            # A commit whose outcome is unknown may have registered these files: keep
+            # them, and let `recover` sort them out against the state store.
+            if not isinstance(exc, CommitOutcomeUnknown):
+                for path in written:
+                    if path.suffix == ".parquet":
+                        self.store.discard(path)
+                    else:
+                        path.unlink(missing_ok=True)
             self.consecutive_failures += 1
             self.metrics.checkpoints.labels("failed").inc()
             raise
