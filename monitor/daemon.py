@@ -257,7 +257,26 @@ class Daemon:
         last = self._last_checkpoint_at
         if (self.ingestor.buffered_rows >= cp.max_buffered_rows
                 or time.monotonic() - last >= cp.interval_seconds):
+            if self._lock is not None:
+                self._bound_by_group(consumer)
             self._checkpoint(commit=True)
+
+    def _bound_by_group(self, consumer: Any) -> None:
+        """Close windows no further than the group's slowest partition (cluster mode):
+        what another replica has not read yet may move here (docs/scale-out.md)."""
+        mine = consumer.assignment()
+        try:
+            for topic in self.topics:
+                others = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+                          if TopicPartition(topic, p) not in mine]
+                ends = consumer.end_offsets(others) if others else {}
+                self.ingestor.set_group_floor(topic, {tp.partition: ends.get(tp) for tp in others})
+        except KafkaError as exc:
+            # Unknown progress elsewhere: close nothing new until it is known again.
+            for topic in self.topics:
+                self.ingestor.hold_windows(topic)
+            log.warning("cannot read the group's progress; holding windows open",
+                        extra={"fields": {"error": repr(exc)}})
 
     def _checkpoint(self, *, commit: bool) -> bool:
         self._last_checkpoint_at = time.monotonic()

@@ -189,6 +189,38 @@ class Ingestor:
             self._next.pop((topic, p), None)
             self._first.pop((topic, p), None)
 
+    def set_group_floor(self, topic: str, others: dict[int, int | None]) -> None:
+        """Bound the topic's clock by partitions other replicas hold (cluster mode).
+
+        ``others``: end offset of each partition of the topic this replica does not
+        own. Their durable progress is in the state store; one that is behind its end
+        holds the clock back to its event time, one that was never read blocks it, and
+        one that is caught up does not count (as an idle partition here would not).
+        """
+        if topic not in self._topics:
+            return
+        stored = self.state.positions(topic)
+        lateness = self.spec.allowed_lateness_ms
+        floor: int | None = None
+        blocks = False
+        for p, end in others.items():
+            pos = stored.get(p)
+            if pos is None:
+                blocks = blocks or bool(end)
+                continue
+            if end is not None and pos.next_offset >= end:
+                continue
+            if pos.max_ts_ms is None:
+                blocks = True
+                continue
+            floor = pos.max_ts_ms - lateness if floor is None else min(floor, pos.max_ts_ms - lateness)
+        self._topics[topic].clock.set_group_floor(floor, blocks=blocks)
+
+    def hold_windows(self, topic: str) -> None:
+        """Close no window of ``topic`` until the next `set_group_floor`."""
+        if topic in self._topics:
+            self._topics[topic].clock.set_group_floor(None, blocks=True)
+
     def set_caught_up(self, topic: str, partition: int, high_watermark: int | None) -> None:
         """Tell the watermark whether a partition has nothing left to read.
 

@@ -105,6 +105,9 @@ class TopicClock:
         self.spec = spec
         self._partitions: dict[int, PartitionClock] = {}
         self._closed_upto = closed_upto_ms
+        #: The event time other consumers' partitions have passed (`set_group_floor`).
+        self._floor: int | None = None
+        self._floor_blocks = False
 
     @property
     def closed_upto_ms(self) -> int | None:
@@ -171,9 +174,25 @@ class TopicClock:
         newest = max(seen)
         return newest - newest % self.spec.size_ms + self.spec.size_ms
 
+    def set_group_floor(self, floor_ms: int | None, *, blocks: bool = False) -> None:
+        """Bound this clock by the partitions other consumers of the group hold.
+
+        A partition that moves here resumes where its last owner left it; windows this
+        clock had closed by then would make its next events late, where one consumer of
+        all partitions would have waited for them. Several replicas therefore close no
+        further than the slowest partition of the whole group (``floor_ms``: its event
+        time less the allowed lateness), exactly as one consumer would. ``blocks``: some
+        partition has data nobody has read yet, so nothing may close.
+        """
+        self._floor, self._floor_blocks = floor_ms, blocks
+
     def closable_upto(self, now_ms: int) -> int | None:
         """Window-aligned point up to which windows may be finalised now (monotone)."""
+        if self._floor_blocks:
+            return self._closed_upto
         wm = self.watermark(now_ms)
+        if wm is not None and self._floor is not None:
+            wm = min(wm, self._floor)
         if wm is None:
             return self._closed_upto
         aligned = wm - wm % self.spec.size_ms

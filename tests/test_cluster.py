@@ -11,7 +11,6 @@ doubled (docs/scale-out.md).
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections import Counter
@@ -22,13 +21,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from connectors.kafka_local import committed_offsets, create_topics
+from connectors.kafka_local import create_topics
 from connectors.state import StateStore, open_state_store
 from connectors.summaries import SummaryStore
 from monitor.incidents import Incident
 from monitor.labels import LabelSummary
 from monitor.profile import Profile
-from tests.daemon_proc import DaemonProcess, end_offsets, produce, wait_until
+from tests.daemon_proc import DaemonProcess, produce, wait_until
 from tests.events_gen import drifting_world
 from tests.pg_fixtures import fresh_database
 from tests.receivers import Answer, Receiver, Request, standard_webhooks_verify
@@ -88,10 +87,9 @@ class Settled:
     watermark past them), so "settled" is: near the end, and unchanged for a while.
     """
 
-    def __init__(self, state_path: str | Path, last_ts_ms: int, *, quiet_s: float = 3.0,
-                 lateness_s: int = 0) -> None:
+    def __init__(self, state_path: str | Path, last_ts_ms: int, *, quiet_s: float = 3.0) -> None:
         self.state_path = state_path
-        self.horizon = last_ts_ms - last_ts_ms % SEC - (6 + lateness_s) * SEC
+        self.horizon = last_ts_ms - last_ts_ms % SEC - 6 * SEC
         self.quiet_s = quiet_s
         self._last: tuple[Any, ...] | None = None
         self._since = time.monotonic()
@@ -153,8 +151,7 @@ def _incidents(state_path: str | Path) -> tuple[list[Incident], list[tuple[Any, 
 
 
 def _incident_facts(incidents: list[Incident]) -> set[tuple[Any, ...]]:
-    return {(i.fingerprint, i.status, i.opened_ms, i.resolved_ms if hasattr(i, "resolved_ms") else None)
-            for i in incidents}
+    return {(i.fingerprint, i.status, i.opened_ms, i.resolved_ms) for i in incidents}
 
 
 def _assert_same_statistics(single: Path, cluster: str | Path) -> None:
@@ -193,14 +190,13 @@ def _versions(state_path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def _run_single(bootstrap: str, topics: dict[str, str], workdir: Path, last_ts: int,
-                monitor: dict[str, Any] = MONITOR, lateness_s: int = 0) -> Path:
+                monitor: dict[str, Any] = MONITOR) -> Path:
     assert workdir.name == "single"
     daemon = DaemonProcess(workdir, bootstrap, topics, instance="solo", group=SOLO, overrides=monitor)
     daemon.start()
     try:
         daemon.wait_ready()
-        wait_until(Settled(workdir / "state.db", last_ts, lateness_s=lateness_s), 240,
-                   "the single daemon to settle")
+        wait_until(Settled(workdir / "state.db", last_ts), 240, "the single daemon to settle")
         assert daemon.terminate() == 0
     finally:
         daemon.stop_quietly()
@@ -286,14 +282,9 @@ def test_killing_the_leader_hands_over_and_loses_or_doubles_nothing(
     last_ts = preds[-1][0]
     half = len(preds) // 2
     cut = preds[half][0]
-    # The dead leader's partitions resume elsewhere from its last checkpoint, behind the
-    # clocks of the replicas that take them: events later than the allowed lateness
-    # would be late there (dead-lettered, counted), where one daemon had them in time.
-    # Event time runs ~1000x faster than wall time here, so the lateness that covers the
-    # handover backlog is seconds of event time (docs/scale-out.md sizes it for real
-    # traffic); the stream's pause while the leader dies must not close windows either.
-    monitor = {**MONITOR, "windows": {**MONITOR["windows"], "idle_timeout_seconds": 60,
-                                      "allowed_lateness_seconds": 10}}
+    # The stream pauses while the leader dies: a pause shorter than the idle timeout must
+    # not close the open windows (one daemon, fed without a pause, would not either).
+    monitor = {**MONITOR, "windows": {**MONITOR["windows"], "idle_timeout_seconds": 60}}
 
     def script(req: Request) -> Answer:
         standard_webhooks_verify(SECRET, req.headers, req.body)
@@ -332,25 +323,13 @@ def test_killing_the_leader_hands_over_and_loses_or_doubles_nothing(
             handover_s = time.monotonic() - killed_at
             assert len(successor) == 1 and successor[0] != boss.instance
 
-            # The dead replica's partitions move once its session times out. Event time
-            # runs ~1000x faster than wall time here: a replica whose clock raced ahead
-            # on its own partitions would find the moved partitions' next events late
-            # (docs/scale-out.md), so the rest of the stream waits for the move.
-            def moved() -> bool:
-                owned = [set((r.status() or {}).get("assignment", [])) for r in rest]
-                return len(set().union(*owned)) == 2 * PARTITIONS
-            wait_until(moved, 60, "the dead replica's partitions to move")
+            # The rest of the stream goes on at once: whatever the dead leader had not made
+            # durable resumes elsewhere behind the clocks there, which wait for it.
             _produce(kafka_bootstrap, topics, preds[half:], [f for f in fbs if f[0] >= cut])
-            # ... and the killed replica's restart (a rebalance) waits until everything is
-            # consumed, for the same reason.
-            for topic in (topics["predictions"], topics["feedback"]):
-                ends = end_offsets(kafka_bootstrap, topic)
-                wait_until(lambda t=topic, e=ends: committed_offsets(kafka_bootstrap, GROUP, t) == e, 120,
-                           f"{topic} consumed")
             # A supervisor restarts the killed replica under its own name: it owns spill
             # files of windows that were open when it died.
             boss.start()
-            wait_until(Settled(where, last_ts, lateness_s=10), 300, "the replicas to settle", every=0.5)
+            wait_until(Settled(where, last_ts), 300, "the replicas to settle", every=0.5)
             time.sleep(2.0)  # alerts of the last transitions
             assert len(_leaders(replicas)) == 1
             for r in replicas:
@@ -361,12 +340,11 @@ def test_killing_the_leader_hands_over_and_loses_or_doubles_nothing(
         accepted = hook.accepted()
 
     assert handover_s <= CLUSTER["cluster"]["leader_timeout_seconds"] + 2.0, handover_s
-    # Not asserted yet: that the statistics after the handover equal one daemon's. In
-    # this compressed-time stream the window open at the kill lost its second half's
-    # rows in the replicas' store (issue #8's closing note); until that is fixed this
-    # test holds the handover, the incident log and the alerts to account.
+    single = _run_single(kafka_bootstrap, topics, tmp_path / "single", last_ts, monitor)
+    _assert_same_statistics(single, where)
+    ia, _ = _incidents(single)
     ib, eb = _incidents(where)
-    assert "feature_drift/ctr/f.age" in {i.fingerprint for i in ib}
+    assert _incident_facts(ia) == _incident_facts(ib)
     assert len({(e[1], e[2]) for e in eb}) == len(eb)
     # Every notification the outbox holds was delivered; a message in flight at the kill
     # may be delivered again, under the same idempotency key, and nothing else twice.
@@ -389,4 +367,3 @@ def test_killing_the_leader_hands_over_and_loses_or_doubles_nothing(
             alerted[(a["incident_id"], a["transition"])] += 1
     assert set(alerted) == transitions
     assert all(n == 1 for n in alerted.values()), alerted
-    assert os.environ.get(SECRET_ENV) == SECRET

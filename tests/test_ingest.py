@@ -221,3 +221,56 @@ def test_feedback_and_predictions_are_stored_separately(tmp_path: Path) -> None:
     fb = FeedbackStore(tmp_path / "store").read("feedbacks")
     assert fb.num_rows == 30
     assert pc.all(pc.equal(fb.column("type"), "click")).as_py()
+
+
+def _moved_partition_run(tmp: Path, *, bounded: bool) -> tuple[MemoryDeadLetters, list[str]]:
+    """Replica ``b`` reads the first 120 s of partition 1, makes them durable and dies;
+    replica ``a`` reads partition 0 to the end; partition 1 moves to ``a``, which reads
+    the rest of it."""
+    clock, dlq = Clock(), MemoryDeadLetters()
+    a, b = make(tmp, dlq, clock, "a"), make(tmp, dlq, clock, "b")
+    p0 = stream(3_000)
+    p1 = [Rec(i, encode(prediction(10_000 + i, BASE_TS_MS + i * 100))) for i in range(3_000)]
+    a.assign([(P, 0)])
+    b.assign([(P, 1)])
+    b.ingest(P, [(1, p1[:1_200])])
+    clock.now += SPEC.idle_timeout_ms  # quiet: b closes its windows, nothing is left open
+    b.checkpoint()  # b's position: offset 1200, event time 119.9 s; then b dies
+    for i in range(0, 3_000, 500):
+        if bounded:
+            a.set_group_floor(P, {1: len(p1)})
+        a.ingest(P, [(0, p0[i:i + 500])])
+        a.checkpoint()
+    seeks = a.assign([(P, 1)])
+    assert seeks == {(P, 1): 1_200}
+    if bounded:
+        a.set_group_floor(P, {})  # every partition is a's now
+    a.ingest(P, [(1, p1[1_200:])])
+    a.checkpoint()
+    clock.now += SPEC.idle_timeout_ms
+    a.checkpoint()
+    return dlq, stored_ids(tmp)
+
+
+def test_a_replica_closes_no_further_than_a_partition_another_replica_holds(tmp_path: Path) -> None:
+    dlq, ids = _moved_partition_run(tmp_path / "bounded", bounded=True)
+    assert not dlq.sent
+    assert sorted(ids) == sorted([f"p-{i}" for i in range(3_000)] + [f"p-{10_000 + i}" for i in range(3_000)])
+    # Without the bound the moved partition's backlog is late where it lands: what the
+    # bound is for.
+    dlq, ids = _moved_partition_run(tmp_path / "unbounded", bounded=False)
+    assert dlq.sent and all(r == Reason.LATE for *_, r in dlq.sent)
+    assert len(ids) + len(dlq.sent) == 6_000
+
+
+def test_a_partition_nobody_has_read_holds_every_window_open(tmp_path: Path) -> None:
+    clock, dlq = Clock(), MemoryDeadLetters()
+    a = make(tmp_path, dlq, clock)
+    a.assign([(P, 0)])
+    a.set_group_floor(P, {1: 42})  # partition 1 has data and no stored position
+    a.ingest(P, [(0, stream(3_000))])
+    a.checkpoint()
+    assert stored_ids(tmp_path) == []
+    a.set_group_floor(P, {1: 0})  # ... an empty one does not count
+    a.checkpoint()
+    assert len(stored_ids(tmp_path)) == 240_000 // 100

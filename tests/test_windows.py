@@ -88,3 +88,26 @@ def test_restored_max_event_time_holds_the_watermark_after_restart() -> None:
     clock.observe(0, 310_000, now_ms=1)
     clock.observe(1, 251_000, now_ms=1)
     assert clock.watermark(now_ms=2) == 241_000
+
+
+def test_a_resumed_partition_counts_idle_from_its_assignment_not_at_once() -> None:
+    # Moved here (or restarted) caught up: it was live a moment ago elsewhere.
+    clock = TopicClock(SPEC)
+    clock.assign([0, 1], now_ms=0, max_ts_ms={1: 200_000})
+    clock.set_caught_up(1, True)
+    clock.observe(0, 500_000, now_ms=1)
+    assert clock.closable_upto(now_ms=4_999) == 180_000  # partition 1 still holds back
+    assert clock.closable_upto(now_ms=5_000) == 480_000  # ... until quiet for the idle timeout
+
+
+def test_the_group_floor_bounds_what_closes_and_a_blocking_floor_closes_nothing() -> None:
+    clock = TopicClock(SPEC)
+    clock.assign([0], now_ms=0)
+    clock.observe(0, 500_000, now_ms=1)
+    clock.set_group_floor(250_000)  # another replica's partition is at 260 s (less lateness)
+    assert clock.closable_upto(now_ms=2) == 240_000
+    clock.mark_closed(240_000)
+    clock.set_group_floor(None, blocks=True)  # a partition nobody has read yet
+    assert clock.closable_upto(now_ms=3) == 240_000
+    clock.set_group_floor(None)
+    assert clock.closable_upto(now_ms=4) == 480_000
