@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 #: Rows per batch when streaming a window from Parquet: bounds the stage's memory.
 BATCH_ROWS = 262_144
+_NO_BOUND = 2**62
 #: How long window summaries are kept after the leader decided their window.
 SUMMARY_RETENTION_MS = 24 * 3600 * 1000
 _PRED_COLUMNS = ["prediction_id", "ts", "model", "model_version", "score"]
@@ -268,8 +269,9 @@ class Analysis:
 
     def _summarise(self, pred_view: Any, fb_view: Any, deadline: float) -> int:
         done = 0
-        own_closed = pred_view.closed.get(self.instance)
-        bound = max(own_closed or 0, pred_view.closed_upto() or 0) + self.spec.window_ms
+        # Whether a window is final here is `closed_for`'s to say (closed, or orphaned
+        # and written out), not a bound on the query.
+        bound = _NO_BOUND
         drift_upto = self._pointer("drift_upto")
         first = None if drift_upto is None else drift_upto - 1
         have = self.summaries.summarised("drift", self.instance, first or 0)
