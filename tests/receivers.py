@@ -109,14 +109,15 @@ class Receiver:
 
 
 class HangingReceiver:
-    """Accepts TCP connections and reads from them, but never answers."""
+    """Accepts TCP connections and never answers; says which are still held open."""
 
     def __init__(self) -> None:
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(128)
         self._stop = threading.Event()
-        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._conns: list[tuple[float, socket.socket]] = []
         self.connections = 0
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
@@ -131,8 +132,27 @@ class HangingReceiver:
                 conn, _ = self._sock.accept()
             except OSError:
                 continue
-            self.connections += 1
-            self._conns.append(conn)  # kept open, never answered
+            with self._lock:
+                self.connections += 1
+                self._conns.append((time.perf_counter(), conn))  # kept open, never answered
+
+    def held_since(self) -> float | None:
+        """perf_counter time of the oldest connection the client still holds open (it
+        is waiting on an answer), or None: the client has given up on all of them."""
+        with self._lock:
+            conns = list(self._conns)
+        held = []
+        for since, conn in conns:
+            try:
+                # b"" is the client's FIN; unread request bytes or no bytes at all
+                # (BlockingIOError) mean it is still waiting.
+                if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
+                    held.append(since)
+            except BlockingIOError:
+                held.append(since)
+            except OSError:
+                pass
+        return min(held, default=None)
 
     def __enter__(self) -> HangingReceiver:
         self._thread.start()
@@ -141,7 +161,7 @@ class HangingReceiver:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
-        for c in self._conns:
+        for _, c in self._conns:
             c.close()
         self._sock.close()
 

@@ -11,6 +11,7 @@ to incidents is tests/test_monitor_kafka.py's.)
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from connectors.kafka_local import create_topics
+from connectors.kafka_local import committed_offsets, create_topics
 from connectors.state import StateStore
 from monitor.incidents import IncidentBook
 from tests.daemon_proc import DaemonProcess, produce, wait_until
@@ -117,52 +118,77 @@ def test_alerts_undelivered_at_sigkill_are_delivered_once_after_restart(
     assert secret_key not in log and "down for maintenance" not in log
 
 
-# -- a hanging receiver and ingestion throughput ---------------------------------------------
+# -- a hanging receiver and ingestion ---------------------------------------------------------
 
 #: Events per run, and interleaved (baseline, hanging) pairs. Sized for ~5 s of
 #: consumption per run on the 2-core development machine.
 EVENTS = int(os.environ.get("DRIFTLOOP_TEST_THROUGHPUT_EVENTS", "300000"))
 PAIRS = int(os.environ.get("DRIFTLOOP_TEST_THROUGHPUT_PAIRS", "3"))
+#: Longer than any run: a sink's first send is still hanging when its run ends.
+HANG_SECONDS = 120
 _EVENTS_IN = re.compile(rb'^driftloop_events_in_total\{topic="([^"]+)"\} ([0-9.e+]+)$', re.M)
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _consumption_rate(daemon: DaemonProcess, topic: str, n: int) -> float:
-    """Events/s between 10% and 100% of ``n`` consumed, from the daemon's own counter
-    sampled every 20 ms (interpolated between samples), so start-up is not in it."""
-    samples: list[tuple[float, float]] = []
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (its threads included), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+@dataclasses.dataclass(frozen=True)
+class Consumption:
+    """The daemon consuming 10%..100% of a topic's ``n`` events: start-up is not in it."""
+
+    start: float  # perf_counter at the 10% mark
+    end: float
+    events_per_s: float
+    cpu_us_per_event: float
+
+
+def _consumption(daemon: DaemonProcess, topic: str, n: int) -> Consumption:
+    """From the daemon's own counter and its CPU time, sampled every 20 ms and
+    interpolated between samples."""
+    assert daemon.proc is not None
+    samples: list[tuple[float, float, float]] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         code, body = daemon.get("/metrics")
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), _cpu_seconds(daemon.proc.pid)
         if code == 200:
             got = {m.group(1).decode(): float(m.group(2)) for m in _EVENTS_IN.finditer(body)}
-            samples.append((t, got.get(topic, 0.0)))
+            samples.append((t, got.get(topic, 0.0), cpu))
             if samples[-1][1] >= n:
                 break
-        assert daemon.proc is not None and daemon.proc.poll() is None, daemon.tail()
+        assert daemon.proc.poll() is None, daemon.tail()
         time.sleep(0.02)
     else:
         raise AssertionError(f"{n} events not consumed in time: {samples[-1:]}")
 
-    def crossing(level: float) -> float:
-        for (t0, v0), (t1, v1) in itertools.pairwise(samples):
+    def crossing(level: float) -> tuple[float, float]:
+        for (t0, v0, c0), (t1, v1, c1) in itertools.pairwise(samples):
             if v1 >= level > v0:
-                return t0 + (t1 - t0) * (level - v0) / (v1 - v0)
-        return samples[0][0]
+                f = (level - v0) / (v1 - v0)
+                return t0 + (t1 - t0) * f, c0 + (c1 - c0) * f
+        return samples[0][0], samples[0][2]
 
     lo = 0.1 * n
-    return (n - lo) / (crossing(n) - crossing(lo))
+    (t_lo, cpu_lo), (t_hi, cpu_hi) = crossing(lo), crossing(n)
+    return Consumption(t_lo, t_hi, (n - lo) / (t_hi - t_lo), (cpu_hi - cpu_lo) / (n - lo) * 1e6)
 
 
-def _run(kafka_bootstrap: str, workdir: Path, topics: dict[str, str], sinks: list[dict[str, Any]]) -> float:
+def _run(kafka_bootstrap: str, workdir: Path, topics: dict[str, str], urls: list[str],
+         hanging: tuple[HangingReceiver, ...] = ()) -> Consumption:
     # A fresh consumer group reads the topic from the start; the same incidents wait in
-    # both kinds of run; only the sinks differ.
+    # both kinds of run, for as many sinks; only whether their receivers answer differs.
     group = f"tp-{uuid.uuid4().hex[:8]}"
     state = StateStore(workdir / "state.db", group_id=group, instance="test")
     book = IncidentBook()
     for k in range(20):
         commit(state, book, [drift("f.age", True, MIN, model=f"model-{k}")])
     state.close()
+    sinks = [webhook(f"sink{i}", url, timeout_seconds=HANG_SECONDS, rate_limit_per_minute=600)
+             for i, url in enumerate(urls)]
     daemon = DaemonProcess(workdir, kafka_bootstrap, topics, group=group, overrides={
         "checkpoint": {"interval_seconds": 1.0},
         "windows": {"size_seconds": 60, "allowed_lateness_seconds": 30, "idle_timeout_seconds": 60},
@@ -171,38 +197,64 @@ def _run(kafka_bootstrap: str, workdir: Path, topics: dict[str, str], sinks: lis
     daemon.start()
     try:
         daemon.wait_ready()
-        rate = _consumption_rate(daemon, topics["predictions"], EVENTS)
-        if sinks:
+        run = _consumption(daemon, topics["predictions"], EVENTS)
+        if hanging:
+            # Every sink was stuck in a send over the whole measured span, and the
+            # daemon consumed through it: nothing on the ingest path waits on a sink.
+            held = [h.held_since() for h in hanging]
+            assert all(since is not None and since <= run.start for since in held), (held, run)
             status = daemon.status() or {}
-            # The hanging sinks really were being tried during the measurement.
             assert all(s["pending"] == 20 for s in status["alerts"]["sinks"].values()), status
+        # Every event was committed, not only counted, while the sinks hung.
+        wait_until(lambda: sum(committed_offsets(kafka_bootstrap, group, topics["predictions"])
+                               .values()) >= EVENTS, 30, "the consumed events committed")
         assert daemon.terminate() == 0
     finally:
         daemon.stop_quietly()
-    return rate
+    return run
 
 
 @pytest.mark.slow
 def test_a_hanging_receiver_does_not_slow_ingestion(kafka_bootstrap: str, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the same sinks at a receiver that answers at once. What would slow
+    ingestion is the ingest path waiting on a send (`_run` proves it never does: every
+    send hangs for longer than the run) or stuck senders costing CPU the ingest path
+    needs: measured as the daemon's CPU per event, which the shared machine's load moves
+    far less than it moves wall-clock throughput (seen spreading 20% between identical
+    runs). Throughput is printed, and held only to a bound no noise reaches; bench/ is
+    where throughput targets live."""
     monkeypatch.setenv(SECRET_ENV, SECRET)
     topics = new_topics(kafka_bootstrap, partitions=4)
     produce(kafka_bootstrap, topics["predictions"],
             (encode(prediction(i, BASE_TS_MS + i)) for i in range(EVENTS)))
-    base: list[float] = []
-    hang: list[float] = []
-    with HangingReceiver() as h1, HangingReceiver() as h2, HangingReceiver() as h3:
-        sinks = [webhook(f"hang{i}", h.url, timeout_seconds=5, rate_limit_per_minute=600)
-                 for i, h in enumerate((h1, h2, h3))]
+    base: list[Consumption] = []
+    hang: list[Consumption] = []
+    with (HangingReceiver() as h1, HangingReceiver() as h2, HangingReceiver() as h3,
+          Receiver() as ok):
         for k in range(PAIRS):
             # Interleaved, so that drift in the shared machine's load hits both alike.
-            base.append(_run(kafka_bootstrap, tmp_path / f"base{k}", topics, []))
-            hang.append(_run(kafka_bootstrap, tmp_path / f"hang{k}", topics, sinks))
+            base.append(_run(kafka_bootstrap, tmp_path / f"base{k}", topics,
+                             [f"{ok.url}/{i}" for i in range(3)]))
+            hang.append(_run(kafka_bootstrap, tmp_path / f"hang{k}", topics,
+                             [h.url for h in (h1, h2, h3)], (h1, h2, h3)))
         connections = h1.connections + h2.connections + h3.connections
-    ratio = statistics.median(hang) / statistics.median(base)
-    spread = (max(base) - min(base)) / statistics.median(base)
-    print(f"\nthroughput, events/s: baseline {[round(x) for x in base]} (spread {spread:.1%}), "
-          f"hanging receivers {[round(x) for x in hang]}; median ratio {ratio:.3f}; "
-          f"{connections} connections left hanging")
-    assert connections >= 3 * PAIRS  # every hanging run had its sinks stuck in a send
-    assert ratio >= 0.95, (base, hang)
+        answered = len(ok.accepted())
+
+    def median(runs: list[Consumption], key: str) -> float:
+        return statistics.median(getattr(r, key) for r in runs)
+
+    cpu_ratio = median(hang, "cpu_us_per_event") / median(base, "cpu_us_per_event")
+    rate_ratio = median(hang, "events_per_s") / median(base, "events_per_s")
+    print(f"\nCPU us/event: baseline {[round(r.cpu_us_per_event, 1) for r in base]}, hanging "
+          f"{[round(r.cpu_us_per_event, 1) for r in hang]}, median ratio {cpu_ratio:.3f}; "
+          f"events/s: baseline {[round(r.events_per_s) for r in base]}, hanging "
+          f"{[round(r.events_per_s) for r in hang]}, median ratio {rate_ratio:.3f}; "
+          f"{connections} connections hung, {answered} messages answered")
+    assert answered >= 3 * PAIRS  # the baseline's sinks were sending too
+    assert connections == 3 * PAIRS  # one send per sink and run, hanging throughout
+    # A sender spinning instead of waiting would take about a core of the two: a ratio
+    # near 2. Identical runs have been seen 40% apart in CPU per event (a healthy
+    # receiver's deliveries fall inside the measured span or not), less in the median.
+    assert cpu_ratio <= 1.3, (base, hang)
+    assert rate_ratio >= 0.5, (base, hang)
