@@ -46,6 +46,7 @@ __all__ = [
     "StateStore",
     "StateStoreUnavailable",
     "StoredPosition",
+    "is_postgres_url",
     "open_sqlite",
     "open_state_store",
 ]
@@ -607,6 +608,11 @@ class StateStore:
 #: What configuration spells a PostgreSQL state store with (monitor/config.py checks the
 #: same shape): libpq's two schemes, optionally with SQLAlchemy's ``+driver``.
 _POSTGRES_URL = re.compile(r"^postgres(?:ql)?(?:\+\w+)?://", re.IGNORECASE)
+
+
+def is_postgres_url(location: object) -> bool:
+    """Whether ``location`` spells a PostgreSQL database rather than a SQLite file."""
+    return isinstance(location, str) and bool(_POSTGRES_URL.match(location))
 
 
 class _StorageLike(Protocol):

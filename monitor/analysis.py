@@ -207,7 +207,8 @@ class Analysis:
         self._versions: dict[str, _Version] = {}
         self.last_error: str | None = None
         self._stall_checked_upto = -1
-        self._submitted: list[tuple[list[Signal], list[tuple[str, int, dict[str, Any]]]]] = []
+        self._submitted: list[tuple[list[Signal], list[tuple[str, int, dict[str, Any]]],
+                                    Callable[[], None] | None]] = []
         self._submit_lock = threading.Lock()
         #: Called with (model, version, window start, window end, summary, primary labels)
         #: for each version of each matured window, on this thread, after the commit: the
@@ -217,19 +218,32 @@ class Analysis:
         self._refresh_incident_gauge()
 
     def submit(self, signals: Sequence[Signal] = (),
-               resolve: Sequence[tuple[str, int, dict[str, Any]]] = ()) -> None:
+               resolve: Sequence[tuple[str, int, dict[str, Any]]] = (), *,
+               on_committed: Callable[[], None] | None = None) -> None:
         """Evidence from outside the windows (the retraining controller's failed jobs),
         committed by the next `step` on the analysis thread: the incident book has one
-        writer. ``resolve`` holds (fingerprint, at_ms, evidence) of incidents that ended."""
+        writer. ``resolve`` holds (fingerprint, at_ms, evidence) of incidents that ended.
+        ``on_committed`` is called on the analysis thread once they are durable, never
+        if the process dies first: the submitter then submits them again."""
         with self._submit_lock:
-            self._submitted.append((list(signals), list(resolve)))
+            self._submitted.append((list(signals), list(resolve), on_committed))
 
     def _commit_submitted(self) -> None:
         with self._submit_lock:
             pending, self._submitted = self._submitted, []
-        for signals, resolve in pending:
-            outcomes = [self.book.resolve(fp, at, ev) for fp, at, ev in resolve]
-            self._commit({}, signals, extra=outcomes)
+        for i, (signals, resolve, on_committed) in enumerate(pending):
+            try:
+                outcomes = [self.book.resolve(fp, at, ev) for fp, at, ev in resolve]
+                self._commit({}, signals, extra=outcomes)
+            except BaseException:
+                # The store failed: this one and the rest are tried again at the next
+                # step, ahead of anything submitted since (a signal seen twice by the
+                # book is one incident).
+                with self._submit_lock:
+                    self._submitted[:0] = pending[i:]
+                raise
+            if on_committed is not None:
+                on_committed()
 
     # -- progress --------------------------------------------------------------------
 

@@ -606,6 +606,9 @@ class RetrainConfig(_Section):
     trainer: str = "retrain.ctr_trainer:CTRTrainer"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     launcher: Literal["local", "torchrun", "kubernetes"] = "local"
+    #: The job's entry point for the local and torchrun launchers (a module run with
+    #: ``python -m``): a deployment's own wrapper around retrain.job, say.
+    entry_module: str = "retrain.job"
     torchrun_nproc_per_node: int = 1
     kubernetes: KubernetesLaunchConfig = msgspec.field(default_factory=KubernetesLaunchConfig)
     #: model name -> crontab expression (UTC), e.g. {ctr: "0 3 * * *"}.
@@ -636,6 +639,9 @@ class RetrainConfig(_Section):
                 raise ValueError(msg)
         if ":" not in self.trainer:
             msg = f"retrain.trainer must be 'module:Class', got {self.trainer!r}"
+            raise ValueError(msg)
+        if not all(part.isidentifier() for part in self.entry_module.split(".")):
+            msg = f"retrain.entry_module must be a dotted module name, got {self.entry_module!r}"
             raise ValueError(msg)
 
 

@@ -126,9 +126,7 @@ class Daemon:
         self.promotion = _promotion(config, self._submit_evidence) if self.analysis else None
         if self.promotion is not None and self.analysis is not None:
             self.analysis.label_listeners.append(self.promotion.on_labels)
-        self.retraining = _retraining(
-            config, self._submit_evidence,
-            None if self.promotion is None else self.promotion.job_succeeded) if self.analysis else None
+        self.retraining = _retraining(config, self._submit_evidence) if self.analysis else None
         self._analysis_thread = threading.Thread(target=self._analyse, name="analysis", daemon=True)
         self._consumer: Any = None
         self._pending_seeks: dict[tuple[str, int], int] = {}
@@ -499,10 +497,11 @@ class Daemon:
         return {"role": "leader" if self._is_leader else "follower", "leader": self._lock.holder(),
                 "leader_timeout_s": self.config.cluster.leader_timeout_seconds}
 
-    def _submit_evidence(self, signals: Any = (), resolve: Any = ()) -> None:
+    def _submit_evidence(self, signals: Any = (), resolve: Any = (), *,
+                         on_committed: Callable[[], None] | None = None) -> None:
         """Incident evidence from the retraining thread, committed by the analysis thread."""
         assert self.analysis is not None
-        self.analysis.submit(signals, resolve)
+        self.analysis.submit(signals, resolve, on_committed=on_committed)
         self._analysis_wakeup.set()
 
     def _retrain_request(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -591,13 +590,12 @@ def _registry(config: Config) -> Any:
                          max_retries=config.mlflow.max_retries)
 
 
-def _retraining(config: Config, submit: Callable[..., None],
-                on_success: Callable[[str, str, str], None] | None) -> RetrainController | None:
+def _retraining(config: Config, submit: Callable[..., None]) -> RetrainController | None:
     """Retraining runs where the analysis runs, when enabled (docs/retraining.md)."""
     if not config.retrain.enabled:
         return None
     try:
-        return RetrainController(config, registry=_registry(config), submit=submit, on_success=on_success)
+        return RetrainController(config, registry=_registry(config), submit=submit)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -4,10 +4,11 @@ The pieces are in retrain/promote.py (the gate, the lock, the alias moves and th
 history) and monitor/live.py (the live tests); this module wires them to the daemon
 (docs/promotion.md):
 
-* **after a training job** (`job_succeeded`, from the retraining controller): the
-  job's `EvaluationReport` (challenger vs champion on the same holdout) goes through
-  the gate; a pass moves ``champion`` (``previous`` keeps the old one). Every decision
-  is logged to the challenger's run and kept in the history, "keep" included.
+* **after a training job** (a succeeded job the job store holds ungated, whichever
+  replica's tracker saw it end; or `job_succeeded`): the job's `EvaluationReport`
+  (challenger vs champion on the same holdout) goes through the gate; a pass moves
+  ``champion`` (``previous`` keeps the old one). Every decision is logged to the
+  challenger's run and kept in the history, "keep" included.
 * **the watch**: after any promotion (the daemon's own, or one made elsewhere, seen by
   polling the alias), the new champion's matured labels are tested against the rate
   the previous champion achieved live; a significant drop rolls ``champion`` back to
@@ -48,7 +49,9 @@ from monitor.config import Config
 from monitor.incidents import Severity, Signal
 from monitor.labels import LabelSummary
 from monitor.live import CanaryTest, PromotionWatch
+from monitor.retraining import job_store_location
 from retrain.evaluate import REPORT_PATH, EvaluationReport
+from retrain.jobs import SqlJobStore
 from retrain.promote import (
     CHAMPION,
     PREVIOUS,
@@ -117,6 +120,7 @@ class PromotionController:
         self._thread = threading.Thread(target=self._loop, name="promotion", daemon=True)
         self.last_error: str | None = None
         self._state: StateStore | None = None
+        self._job_store: SqlJobStore | None = None
         self._status_history: AliasHistory | None = None
 
     # -- inputs (other threads) --------------------------------------------------------
@@ -132,7 +136,8 @@ class PromotionController:
         self._wakeup.set()
 
     def job_succeeded(self, model: str, version: str, job_id: str) -> None:
-        """A training job registered ``version`` as challenger (the retraining thread)."""
+        """A challenger to gate that the job store does not hold (tests, tooling): the
+        daemon's own jobs are gated from the store (`_gate_stored_jobs`)."""
         self._jobs.put({"model": model, "version": version, "job_id": job_id})
         self._wakeup.set()
 
@@ -141,6 +146,9 @@ class PromotionController:
     def start(self, state: StateStore) -> None:
         """Start the thread; ``state`` is a state-store connection for it alone."""
         self._state = state
+        if self.config.retrain.enabled:
+            self._job_store = SqlJobStore(job_store_location(self.config),
+                                          group_id=self.config.kafka.group_id)
         raw = state.monitor_value(_STATE_KEY)
         if raw:
             saved = json.loads(raw)
@@ -155,6 +163,8 @@ class PromotionController:
         self._thread.join(timeout=10)
         if self._state is not None:
             self._state.close()
+        if self._job_store is not None:
+            self._job_store.close()
 
     def _loop(self) -> None:
         assert self._state is not None
@@ -186,6 +196,7 @@ class PromotionController:
                 break
             self._after_job(job)
             changed = True
+        changed |= self._gate_stored_jobs()
         for model, by_version in seen.items():
             changed |= self._watch(model, by_version)
             changed |= self._canary(model, by_version)
@@ -214,6 +225,27 @@ class PromotionController:
         return (k / n, n) if n else None
 
     # -- after a job ---------------------------------------------------------------------
+
+    def _gate_stored_jobs(self) -> bool:
+        """Gate every succeeded job's challenger not gated yet, and mark it.
+
+        The job store is the queue: a leader that dies between a job's end and its
+        gate leaves the job ungated for the next one. Dying after the gate and before
+        the mark gates it again, which decides ``already_champion`` or the same "keep"
+        (the gate is deterministic on the job's report) and moves no alias. A registry
+        that cannot be reached raises here and the job waits for the next step.
+        """
+        if self._job_store is None:
+            return False
+        done = False
+        for record in self._job_store.ungated():
+            version = (record.result or {}).get("model_version")
+            if version:
+                self._after_job({"model": record.model, "version": str(version),
+                                 "job_id": record.job_id})
+            self._job_store.mark_gated(record.job_id)
+            done = True
+        return done
 
     def _after_job(self, job: dict[str, Any]) -> None:
         model, version = job["model"], job["version"]

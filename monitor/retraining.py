@@ -21,8 +21,10 @@ ingestion or the statistics.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
+import re
 import secrets
 import threading
 import time
@@ -31,17 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from connectors.registry import ModelRegistry, RegistryError
-from connectors.state import MonitorCommit, StateStore
+from connectors.state import MonitorCommit, StateStore, is_postgres_url
 from monitor.config import Config
 from monitor.incidents import Incident, Severity, Signal
 from monitor.join import JoinSpec, matured_upto
-from retrain.jobs import JobEvent, JobTracker, SqliteJobStore
+from retrain.jobs import JobEvent, JobTracker, SqlJobStore
 from retrain.launch import KubernetesLauncher, Launcher, LocalLauncher, TorchrunLauncher
 from retrain.policy import Decision, PolicySpec, RetrainPolicy
 from retrain.schedule import RetrainSchedule
 from retrain.spec import JobSpec, Trigger
 
-__all__ = ["CURSOR_KEY", "FAILED_KIND", "RetrainController", "build_launcher"]
+__all__ = ["CURSOR_KEY", "FAILED_KIND", "RetrainController", "build_launcher", "job_store_location",
+           "schedule_store_url", "schedule_table"]
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,42 @@ CHAMPION = "champion"
 def build_launcher(config: Config) -> Launcher:
     rc = config.retrain
     if rc.launcher == "torchrun":
-        return TorchrunLauncher(rc.torchrun_nproc_per_node)
+        return TorchrunLauncher(rc.torchrun_nproc_per_node, module=rc.entry_module)
     if rc.launcher == "kubernetes":
         k = rc.kubernetes
         return KubernetesLauncher(k.namespace, k.image, gpus=k.gpus, service_account=k.service_account)
-    return LocalLauncher()
+    return LocalLauncher(module=rc.entry_module)
+
+
+def job_store_location(config: Config) -> str | Path:
+    """Where the jobs are kept: the cluster's PostgreSQL database when the state store is
+    one (the next leader must see every job the last one started), else a SQLite file
+    beside the job directories."""
+    url = config.storage.state_url
+    if url and is_postgres_url(url):
+        return url
+    rc = config.retrain
+    return (Path(rc.workdir) if rc.workdir else Path(config.storage.data_dir) / "jobs") / "jobs.db"
+
+
+def schedule_table(config: Config) -> str:
+    """The schedule's table: one per consumer group on a shared PostgreSQL database (two
+    deployments there must not run each other's crons), the old name in a file."""
+    url = config.storage.state_url
+    if not (url and is_postgres_url(url)):
+        return "driftloop_schedule"
+    group = config.kafka.group_id
+    digest = hashlib.sha256(group.encode()).hexdigest()[:8]
+    return f"driftloop_schedule_{re.sub(r'[^a-z0-9]+', '_', group.lower())[:30]}_{digest}"
+
+
+def schedule_store_url(config: Config, workdir: Path) -> str:
+    """The APScheduler job store's SQLAlchemy URL: shared with the state store on
+    PostgreSQL (a new leader knows what the last one already ran), a file otherwise."""
+    url = config.storage.state_url
+    if url and is_postgres_url(url):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return f"sqlite:///{(workdir / 'schedule.sqlite').resolve()}"
 
 
 class RetrainController:
@@ -70,45 +104,44 @@ class RetrainController:
         config: the daemon's configuration (``retrain``, ``monitor``, ``kafka``, ...).
         registry: the model registry (the champion to warm-start from).
         submit: hands signals and resolutions to the analysis stage, the one writer of
-            incidents (`monitor.analysis.Analysis.submit`).
-        on_success: told (model, version, job id) of every registered challenger (the
-            promotion controller's gate).
+            incidents (`monitor.analysis.Analysis.submit`); a job's outcome counts as
+            reported when its ``on_committed`` is called.
         launcher: how jobs run; built from the config when omitted.
         clock: seconds since the epoch.
     """
 
     def __init__(self, config: Config, *, registry: ModelRegistry,
                  submit: Callable[..., None], launcher: Launcher | None = None,
-                 clock: Callable[[], float] = time.time,
-                 on_success: Callable[[str, str, str], None] | None = None) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         rc = config.retrain
         self.config = config
         self.registry = registry
         self.submit = submit
         self.clock = clock
-        #: (model, version, job_id) of each registered challenger: the promotion controller.
-        self.on_success = on_success
         self.policy = RetrainPolicy(PolicySpec(
             incident_kinds=frozenset(rc.incident_kinds), min_severity=rc.min_severity,
             cooldown_ms=int(rc.cooldown_seconds * 1000), min_fresh_labels=rc.min_fresh_labels,
             max_jobs_per_day=rc.max_jobs_per_day, manual_bypasses_cooldown=rc.manual_bypasses_cooldown))
         self.workdir = Path(rc.workdir) if rc.workdir else Path(config.storage.data_dir) / "jobs"
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.jobs = SqliteJobStore(self.workdir / "jobs.db", group_id=config.kafka.group_id)
+        self.jobs = SqlJobStore(job_store_location(config), group_id=config.kafka.group_id)
         self.tracker = JobTracker(self.jobs, launcher or build_launcher(config), workdir=self.workdir,
                                   clock=clock)
         self.join = JoinSpec(attribution_ms=config.monitor.attribution_seconds * 1000,
                              label_types=tuple(config.monitor.label_types),
                              window_ms=config.windows.size_seconds * 1000)
         self._requests: queue.Queue[Trigger] = queue.Queue()
+        #: Jobs whose outcome the analysis thread committed (`_finished`'s acknowledgement).
+        self._committed: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self._wakeup = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="retrain", daemon=True)
         self.last_error: str | None = None
         self.schedule: RetrainSchedule | None = None
         if rc.schedule:
-            self.schedule = RetrainSchedule(f"sqlite:///{(self.workdir / 'schedule.sqlite').resolve()}",
-                                            self.request, clock=clock, name=f"retrain-{id(self)}")
+            self.schedule = RetrainSchedule(schedule_store_url(config, self.workdir), self.request,
+                                            clock=clock, name=f"retrain-{id(self)}",
+                                            tablename=schedule_table(config))
             for model in list(self.schedule.crons()):
                 if model not in rc.schedule:  # removed from the config since the last start
                     self.schedule.remove(model)
@@ -189,6 +222,14 @@ class RetrainController:
             decisions.append(self._decide(state, trigger, None))
         for event in self.tracker.poll():
             self._finished(event)
+        done = []
+        while True:
+            try:
+                done.append(self._committed.get_nowait())
+            except queue.Empty:
+                break
+        if done:
+            self.tracker.reported(done)
         return decisions
 
     def _incident_triggers(self, state: StateStore) -> tuple[list[tuple[Trigger, str]], int | None]:
@@ -292,19 +333,22 @@ class RetrainController:
                     "exit_code": event.exit_code, "trigger": event.trigger.kind,
                     "code": result.get("code"), "model_version": result.get("model_version"),
                     "run_id": result.get("run_id")}
+        def committed() -> None:  # on the analysis thread
+            self._committed.put(event.job_id)
+            self._wakeup.set()
+
         if event.failed:
             log.error("training job did not produce a model", extra={"fields": evidence})
-            self.submit(signals=[Signal(
+            self.submit(on_committed=committed, signals=[Signal(
                 FAILED_KIND, event.model, "training", True, event.started_ms, end, Severity.WARNING,
                 summary=(f"training job {event.job_id} {event.state}: "
                          f"{(result.get('reason') or event.reason)[:300]}"),
                 evidence=evidence)])
         else:
+            # The promotion gate finds the challenger in the job store itself
+            # (`SqlJobStore.ungated`), whichever replica leads when it looks.
             log.info("training job registered a challenger", extra={"fields": evidence})
-            self.submit(resolve=[(fingerprint, end, evidence)])
-            version = result.get("model_version")
-            if self.on_success is not None and version:
-                self.on_success(event.model, str(version), event.job_id)
+            self.submit(on_committed=committed, resolve=[(fingerprint, end, evidence)])
 
     def status(self) -> dict[str, Any]:
         jobs = self.jobs.jobs()

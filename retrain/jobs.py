@@ -1,24 +1,28 @@
 """The job tracker: starts training jobs, watches them, times them out, survives restarts.
 
-The daemon runs one :class:`JobTracker` (docs/retraining.md). :meth:`JobTracker.start`
-writes the spec where the job will read it, launches it and persists what is needed
-to find it again; :meth:`JobTracker.poll`, called every few seconds, polls every
-unfinished job, cancels one that overran its budget, and turns each job that ended
-into exactly one :class:`JobEvent` (the daemon raises an incident for a failure).
+The daemon runs one :class:`JobTracker` (docs/retraining.md), on the leader when
+several replicas run. :meth:`JobTracker.start` writes the spec where the job will
+read it, launches it and persists what is needed to find it again;
+:meth:`JobTracker.poll`, called every few seconds, polls every unfinished job,
+cancels one that overran its budget, and hands out each job that ended as a
+:class:`JobEvent` (the daemon raises an incident for a failure).
 
 What is persisted is the truth, not what is in memory: a job's final state is
-written once, by compare-and-set from an unfinished state, and events are read back
-from the store and marked reported in the same transaction. So a daemon that
-crashes between a job's end and its report reports it after the restart, and two
-trackers on one store never report a job twice. After a restart,
-:meth:`JobTracker.resume` re-attaches every unfinished job through the launcher;
-one that cannot be found any more is ``lost`` (a failure too: nobody knows what it
-did).
+written once, by compare-and-set from an unfinished state. An ended job stays
+*unreported* until whoever handled its event says the outcome is durable
+(:meth:`JobTracker.reported`, once the incident is committed): a daemon that
+crashes, or a leader that dies, anywhere between a job's end and that point hands the
+event out again after the restart or on the next leader, and handling it twice is
+harmless (the incident is already firing, or already resolved). A succeeded job
+also waits, in the store, for the promotion gate (:meth:`SqlJobStore.ungated`), so a
+challenger is gated even when the process that saw its job end is gone. After a
+restart, :meth:`JobTracker.resume` re-attaches every unfinished job through the
+launcher; one that cannot be found any more is ``lost`` (a failure too: nobody
+knows what it did).
 
-:class:`SqliteJobStore` keeps the jobs and the policy's decisions. It lives here, not
-in connectors/state.py (being reworked), and is self-contained so it can move there;
-it follows the state store's conventions: WAL, ``BEGIN IMMEDIATE`` transactions,
-rows scoped by ``group_id``.
+:class:`SqlJobStore` keeps the jobs and the policy's decisions on the state store's
+database: the SQLite file of a single daemon, or the PostgreSQL database a cluster
+shares, so that the next leader sees every job the last one started.
 """
 
 from __future__ import annotations
@@ -27,17 +31,17 @@ import dataclasses
 import json
 import logging
 import os
-import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from connectors.state import open_sqlite
+from connectors.sql import SqlDb
 from retrain.launch import FINAL_STATES, JOB_STATES, JobHandle, JobStatus, Launcher, log_tail
 from retrain.policy import Decision
 from retrain.spec import JobSpec, Trigger
 
-__all__ = ["DecisionRow", "JobEvent", "JobRecord", "JobStore", "JobTracker", "SqliteJobStore"]
+__all__ = ["DecisionRow", "JobEvent", "JobRecord", "JobStore", "JobTracker", "SqlJobStore",
+           "SqliteJobStore"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +120,7 @@ class DecisionRow:
 
 
 class JobStore(Protocol):
-    """The persistence the tracker needs (implemented by :class:`SqliteJobStore`)."""
+    """The persistence the tracker needs (implemented by :class:`SqlJobStore`)."""
 
     def insert(self, record: JobRecord) -> None:
         """Add a new job; ValueError when its id exists."""
@@ -131,8 +135,12 @@ class JobStore(Protocol):
         """Record the final state, only if the job is unfinished; True when this call did."""
         ...
 
-    def take_unreported(self) -> list[JobRecord]:
-        """Finished jobs not yet reported, oldest first, marked reported atomically."""
+    def unreported(self) -> list[JobRecord]:
+        """Finished jobs whose outcome nobody has made durable yet, oldest first."""
+        ...
+
+    def mark_reported(self, job_ids: Iterable[str]) -> None:
+        """Their outcomes are durable: never hand them out again."""
         ...
 
     def get(self, job_id: str) -> JobRecord | None: ...
@@ -149,7 +157,7 @@ class JobStore(Protocol):
     def last_started_ms(self, model: str) -> int | None: ...
 
 
-_SCHEMA = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS retrain_jobs (
     job_id TEXT PRIMARY KEY,
     group_id TEXT NOT NULL,
@@ -157,19 +165,20 @@ CREATE TABLE IF NOT EXISTS retrain_jobs (
     state TEXT NOT NULL,
     spec TEXT NOT NULL,
     handle TEXT,
-    started_ms INTEGER NOT NULL,
-    finished_ms INTEGER,
+    started_ms {int} NOT NULL,
+    finished_ms {int},
     reason TEXT NOT NULL DEFAULT '',
     exit_code INTEGER,
     result TEXT,
-    reported INTEGER NOT NULL DEFAULT 0
+    reported INTEGER NOT NULL DEFAULT 0,
+    gated INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS retrain_jobs_state ON retrain_jobs (group_id, state);
 CREATE INDEX IF NOT EXISTS retrain_jobs_model ON retrain_jobs (group_id, model, started_ms);
 CREATE TABLE IF NOT EXISTS retrain_decisions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     group_id TEXT NOT NULL,
-    at_ms INTEGER NOT NULL,
+    at_ms {int} NOT NULL,
     model TEXT NOT NULL,
     launch INTEGER NOT NULL,
     code TEXT NOT NULL,
@@ -179,6 +188,8 @@ CREATE TABLE IF NOT EXISTS retrain_decisions (
 );
 CREATE INDEX IF NOT EXISTS retrain_decisions_at ON retrain_decisions (group_id, at_ms);
 """
+_SQLITE = _TABLES.format(int="INTEGER", serial="INTEGER PRIMARY KEY AUTOINCREMENT")
+_POSTGRES = _TABLES.format(int="BIGINT", serial="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
 
 _COLUMNS = "job_id, model, state, spec, handle, started_ms, finished_ms, reason, exit_code, result"
 _UNFINISHED = ("pending", "running")
@@ -192,25 +203,41 @@ def _dumps(value: Mapping[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(dict(value), sort_keys=True, default=str)
 
 
-class SqliteJobStore:
-    """Jobs and decisions in SQLite (the state store's file, or one of their own).
+class SqlJobStore:
+    """Jobs and decisions on the state store's database.
 
     Args:
-        path: the database file; created with its tables when missing.
+        location: the SQLite file (created with its tables when missing), or the
+            ``postgresql://`` URL of the database every replica of a cluster shares.
         group_id: the daemon deployment these jobs belong to (the Kafka consumer group):
-            two deployments sharing a file never see each other's jobs.
+            two deployments sharing a database never see each other's jobs.
 
     Example:
         >>> import tempfile, pathlib
-        >>> s = SqliteJobStore(pathlib.Path(tempfile.mkdtemp()) / "jobs.db")
+        >>> s = SqlJobStore(pathlib.Path(tempfile.mkdtemp()) / "jobs.db")
         >>> s.active()
         []
     """
 
-    def __init__(self, path: Path, *, group_id: str = "driftloop") -> None:
-        self.path = Path(path)
+    def __init__(self, location: str | Path, *, group_id: str = "driftloop") -> None:
+        self.location = location
         self.group_id = group_id
-        self._db = open_sqlite(self.path, _SCHEMA)
+        self._db = SqlDb(location, sqlite_schema=_SQLITE, postgres_schema=_POSTGRES,
+                         name="driftloop-jobs")
+        if not self._db.postgres:
+            self._migrate_sqlite()
+
+    def _migrate_sqlite(self) -> None:
+        # Files from before the gate queue: their succeeded jobs were gated in memory
+        # by the process that saw them end, so they count as gated.
+        columns = {r[1] for r in self._db.rows("PRAGMA table_info(retrain_jobs)")}
+        if "gated" not in columns:
+            self._db.execute("ALTER TABLE retrain_jobs ADD COLUMN gated INTEGER NOT NULL DEFAULT 1")
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file, None on PostgreSQL."""
+        return None if self._db.postgres else Path(self.location)
 
     def close(self) -> None:
         self._db.close()
@@ -225,16 +252,18 @@ class SqliteJobStore:
                          exit_code=exit_code, result=_loads(result))
 
     def insert(self, record: JobRecord) -> None:
-        try:
-            self._db.execute(
-                "INSERT INTO retrain_jobs (job_id, group_id, model, state, spec, handle, started_ms, "
-                "finished_ms, reason, exit_code, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.job_id, self.group_id, record.model, record.state, record.spec.to_json(),
-                 _dumps(record.handle), record.started_ms, record.finished_ms, record.reason,
-                 record.exit_code, _dumps(record.result)))
-        except sqlite3.IntegrityError:
+        # ON CONFLICT DO NOTHING and a row count, not the driver's integrity error:
+        # both dialects say the same thing the same way.
+        added = self._db.execute(
+            "INSERT INTO retrain_jobs (job_id, group_id, model, state, spec, handle, started_ms, "
+            "finished_ms, reason, exit_code, result, gated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) "
+            "ON CONFLICT (job_id) DO NOTHING",
+            (record.job_id, self.group_id, record.model, record.state, record.spec.to_json(),
+             _dumps(record.handle), record.started_ms, record.finished_ms, record.reason,
+             record.exit_code, _dumps(record.result)))
+        if added != 1:
             msg = f"job {record.job_id!r} already exists"
-            raise ValueError(msg) from None
+            raise ValueError(msg)
 
     def update(self, job_id: str, *, state: str, handle: Mapping[str, Any] | None = None) -> None:
         if state not in _UNFINISHED:
@@ -252,35 +281,37 @@ class SqliteJobStore:
             raise ValueError(msg)
         # Compare-and-set from an unfinished state: the first writer wins, so a final
         # state is written once however many pollers saw the job end.
-        cur = self._db.execute(
+        return self._db.execute(
             "UPDATE retrain_jobs SET state = ?, finished_ms = ?, reason = ?, exit_code = ?, result = ? "
             "WHERE group_id = ? AND job_id = ? AND state IN ('pending', 'running')",
-            (state, finished_ms, reason, exit_code, _dumps(result), self.group_id, job_id))
-        return cur.rowcount == 1
+            (state, finished_ms, reason, exit_code, _dumps(result), self.group_id, job_id)) == 1
 
-    def take_unreported(self) -> list[JobRecord]:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            rows = db.execute(
-                f"SELECT {_COLUMNS} FROM retrain_jobs WHERE group_id = ? AND reported = 0 AND "
-                "state NOT IN ('pending', 'running') ORDER BY finished_ms, job_id",
-                (self.group_id,)).fetchall()
-            db.executemany("UPDATE retrain_jobs SET reported = 1 WHERE job_id = ?",
-                           [(r[0],) for r in rows])
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return [self._record(r) for r in rows]
+    def unreported(self) -> list[JobRecord]:
+        return [self._record(r) for r in self._db.rows(
+            f"SELECT {_COLUMNS} FROM retrain_jobs WHERE group_id = ? AND reported = 0 AND "
+            "state NOT IN ('pending', 'running') ORDER BY finished_ms, job_id", (self.group_id,))]
+
+    def mark_reported(self, job_ids: Iterable[str]) -> None:
+        self._db.executemany("UPDATE retrain_jobs SET reported = 1 WHERE group_id = ? AND job_id = ?",
+                             [(self.group_id, j) for j in job_ids])
+
+    def ungated(self) -> list[JobRecord]:
+        """Succeeded jobs whose challenger the promotion gate has not decided on, oldest first."""
+        return [self._record(r) for r in self._db.rows(
+            f"SELECT {_COLUMNS} FROM retrain_jobs WHERE group_id = ? AND gated = 0 AND "
+            "state = 'succeeded' ORDER BY finished_ms, job_id", (self.group_id,))]
+
+    def mark_gated(self, job_id: str) -> None:
+        self._db.execute("UPDATE retrain_jobs SET gated = 1 WHERE group_id = ? AND job_id = ?",
+                         (self.group_id, job_id))
 
     def get(self, job_id: str) -> JobRecord | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM retrain_jobs WHERE group_id = ? AND job_id = ?",
-                               (self.group_id, job_id)).fetchone()
-        return None if row is None else self._record(row)
+        rows = self._db.rows(f"SELECT {_COLUMNS} FROM retrain_jobs WHERE group_id = ? AND job_id = ?",
+                             (self.group_id, job_id))
+        return self._record(rows[0]) if rows else None
 
     def active(self) -> list[JobRecord]:
-        return [self._record(r) for r in self._db.execute(
+        return [self._record(r) for r in self._db.rows(
             f"SELECT {_COLUMNS} FROM retrain_jobs WHERE group_id = ? AND state IN ('pending', 'running') "
             "ORDER BY started_ms, job_id", (self.group_id,))]
 
@@ -294,25 +325,27 @@ class SqliteJobStore:
         if since_ms is not None:
             sql += " AND started_ms >= ?"
             args.append(since_ms)
-        sql += " ORDER BY started_ms DESC, job_id DESC LIMIT ?"
-        args.append(-1 if limit is None else limit)
-        return [self._record(r) for r in self._db.execute(sql, args)]
+        sql += " ORDER BY started_ms DESC, job_id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [self._record(r) for r in self._db.rows(sql, args)]
 
     def last_started_ms(self, model: str) -> int | None:
-        row = self._db.execute("SELECT max(started_ms) FROM retrain_jobs WHERE group_id = ? AND model = ?",
-                               (self.group_id, model)).fetchone()
-        return None if row is None or row[0] is None else int(row[0])
+        rows = self._db.rows("SELECT max(started_ms) FROM retrain_jobs WHERE group_id = ? AND model = ?",
+                             (self.group_id, model))
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
 
     # -- decisions -------------------------------------------------------------------------
 
     def record_decision(self, decision: Decision, *, job_id: str | None = None) -> int:
         """Keep one policy decision, "no" included, for /status and audits; returns its id."""
-        cur = self._db.execute(
+        rows = self._db.rows(
             "INSERT INTO retrain_decisions (group_id, at_ms, model, launch, code, reason, trigger, job_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (self.group_id, decision.at_ms, decision.trigger.model, int(decision.launch), decision.code,
              decision.reason, json.dumps(decision.trigger.to_dict(), sort_keys=True), job_id))
-        return int(cur.lastrowid or 0)
+        return int(rows[0][0])
 
     def decisions(self, limit: int = 100, *, model: str | None = None) -> list[DecisionRow]:
         """The latest decisions, newest first."""
@@ -327,13 +360,16 @@ class SqliteJobStore:
         return [DecisionRow(id=int(i), job_id=job_id, decision=Decision(
             launch=bool(launch), code=code, reason=reason, at_ms=int(at),
             trigger=Trigger.from_dict(json.loads(trigger))))
-            for i, at, launch, code, reason, trigger, job_id in self._db.execute(sql, args)]
+            for i, at, launch, code, reason, trigger, job_id in self._db.rows(sql, args)]
 
     def prune_decisions(self, before_ms: int) -> int:
         """Forget decisions older than ``before_ms`` (an incident storm writes one per window)."""
-        cur = self._db.execute("DELETE FROM retrain_decisions WHERE group_id = ? AND at_ms < ?",
-                               (self.group_id, before_ms))
-        return int(cur.rowcount)
+        return self._db.execute("DELETE FROM retrain_decisions WHERE group_id = ? AND at_ms < ?",
+                                (self.group_id, before_ms))
+
+
+#: The name the store had while it was SQLite only.
+SqliteJobStore = SqlJobStore
 
 
 class _Unattachable:
@@ -390,6 +426,8 @@ class JobTracker:
         self.clock = clock
         self.timeout_margin_s = timeout_margin_s
         self._handles: dict[str, JobHandle] = {}
+        #: Events handed out by this tracker and not yet acknowledged (`reported`).
+        self._handed: set[str] = set()
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -465,7 +503,9 @@ class JobTracker:
         return active
 
     def poll(self) -> list[JobEvent]:
-        """Poll every unfinished job; return the jobs that ended since the last call, once each."""
+        """Poll every unfinished job; return the ended jobs this tracker has not handed
+        out yet (each once per tracker: until `reported`, the next leader's tracker hands
+        it out again)."""
         for record in self.store.active():
             handle = self._handle(record)
             try:
@@ -499,7 +539,19 @@ class JobTracker:
                 continue
             if status.state != record.state:
                 self.store.update(record.job_id, state=status.state)
-        return [JobEvent.of(r) for r in self.store.take_unreported()]
+        events = []
+        for r in self.store.unreported():
+            if r.job_id not in self._handed:
+                self._handed.add(r.job_id)
+                events.append(JobEvent.of(r))
+        return events
+
+    def reported(self, job_ids: Iterable[str]) -> None:
+        """The outcomes of these handed-out events are durable (the incident committed):
+        the store never hands them out again, to this tracker or the next leader's."""
+        ids = list(job_ids)
+        self.store.mark_reported(ids)
+        self._handed.difference_update(ids)
 
     def _finish(self, record: JobRecord, state: str, reason: str, now: int, status: JobStatus) -> None:
         self._handles.pop(record.job_id, None)

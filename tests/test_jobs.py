@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from retrain.jobs import JobEvent, JobRecord, JobTracker, SqliteJobStore
+from retrain.jobs import JobEvent, JobRecord, JobTracker, SqliteJobStore, SqlJobStore
 from retrain.launch import JobStatus, LaunchError, LocalLauncher, _group_alive, _proc_info
 from retrain.policy import PolicySpec, RetrainPolicy
 from retrain.spec import JobSpec, Trigger
+from tests.pg_fixtures import fresh_database
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +145,12 @@ def test_a_restart_within_the_same_process_also_reattaches(tmp_path: Path) -> No
     assert [r.job_id for r in second.resume()] == ["job-1"]
     (event,) = poll_until_event(second)
     assert event.state == "succeeded" and event.exit_code == 0  # reaped by waitpid
-    assert first.poll() == []  # the job's end is reported once, by one tracker
+    assert second.poll() == []  # handed out once per tracker
+    # Until its outcome is durable, the job's end is anybody's to report (a leader that
+    # died holding the event): then nobody's.
+    assert [e.job_id for e in first.poll()] == ["job-1"]
+    second.reported(["job-1"])
+    assert first.poll() == [] and tracker(tmp_path, store=SqliteJobStore(store_path)).poll() == []
     first._handles["job-1"].poll()  # let the first tracker's Popen learn its child was reaped
 
 
@@ -344,10 +352,86 @@ def test_store_round_trips_records_and_finishes_once(tmp_path: Path) -> None:
     got = store.get("j")
     assert got is not None and (got.state, got.reason, got.exit_code, got.result) == ("failed", "x", 2,
                                                                                          {"a": 1})
-    assert [r.job_id for r in store.take_unreported()] == ["j"] and store.take_unreported() == []
+    assert [r.job_id for r in store.unreported()] == ["j"]
+    assert [r.job_id for r in store.unreported()] == ["j"]  # until marked
+    store.mark_reported(["j"])
+    assert store.unreported() == []
     with pytest.raises(ValueError, match="'done'"):
         store.finish("j", state="done", finished_ms=1, reason="")
     with pytest.raises(ValueError, match="finish"):
         store.update("j", state="failed")
     with pytest.raises(ValueError, match="does not match its spec"):
         JobRecord(job_id="k", model="ctr", state="running", spec=make_spec("j"), handle=None, started_ms=0)
+
+
+def _store_contract(store: SqlJobStore) -> None:
+    """What the tracker and the promotion gate rely on, on either database."""
+    a = JobRecord(job_id="a", model="ctr", state="pending", spec=make_spec("a"), handle=None,
+                  started_ms=1_800_000_000_000)  # a millisecond time: past 32 bits
+    store.insert(a)
+    with pytest.raises(ValueError, match="already exists"):
+        store.insert(a)
+    store.update("a", state="running", handle={"pid": 7})
+    got = store.get("a")
+    assert got is not None and got.state == "running" and got.handle == {"pid": 7}
+    b = dataclasses.replace(a, job_id="b", state="running", spec=make_spec("b"), started_ms=a.started_ms + 1)
+    store.insert(b)
+    assert [r.job_id for r in store.active()] == ["a", "b"]
+    assert [r.job_id for r in store.jobs(limit=1)] == ["b"] and len(store.jobs()) == 2
+    assert store.last_started_ms("ctr") == b.started_ms and store.last_started_ms("other") is None
+    assert store.finish("a", state="succeeded", finished_ms=a.started_ms + 5, reason="ok",
+                        result={"model_version": "3"})
+    assert store.finish("b", state="failed", finished_ms=a.started_ms + 9, reason="boom")
+    assert [r.job_id for r in store.unreported()] == ["a", "b"]  # in the order they ended
+    store.mark_reported(["a"])
+    assert [r.job_id for r in store.unreported()] == ["b"]
+    # Only a success waits for the gate, reported or not.
+    assert [r.job_id for r in store.ungated()] == ["a"]
+    store.mark_gated("a")
+    assert store.ungated() == []
+    policy = RetrainPolicy(PolicySpec())
+    trig = Trigger(kind="manual", model="ctr", reason="r", at_ms=0, who="ana")
+    ids = [store.record_decision(policy.decide(trig, now_ms=a.started_ms + i, severity=None, running=0,
+                                               last_started_ms=None, fresh_labels=9000, jobs_today=0,
+                                               seconds_today=0.0), job_id="a")
+           for i in range(2)]
+    assert ids[1] > ids[0] and [r.id for r in store.decisions(5)] == ids[::-1]
+
+
+def test_the_store_on_sqlite(tmp_path: Path) -> None:
+    store = SqlJobStore(tmp_path / "jobs.db")
+    _store_contract(store)
+    assert store.path == tmp_path / "jobs.db"
+
+
+@pytest.mark.mlflow  # the PostgreSQL fixture
+def test_the_store_on_postgresql_is_shared_by_every_replica(postgres_uri: str) -> None:
+    with fresh_database(postgres_uri) as url:
+        store = SqlJobStore(url, group_id="g")
+        _store_contract(store)
+        other = SqlJobStore(url, group_id="g")  # the next leader's connection
+        assert [r.job_id for r in other.unreported()] == ["b"] and store.path is None
+        assert SqlJobStore(url, group_id="another").jobs() == []
+        for s in (store, other):
+            s.close()
+
+
+def test_a_file_from_before_the_gate_queue_counts_its_old_jobs_as_gated(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE retrain_jobs (job_id TEXT PRIMARY KEY, group_id TEXT NOT NULL, model TEXT NOT NULL,
+            state TEXT NOT NULL, spec TEXT NOT NULL, handle TEXT, started_ms INTEGER NOT NULL,
+            finished_ms INTEGER, reason TEXT NOT NULL DEFAULT '', exit_code INTEGER, result TEXT,
+            reported INTEGER NOT NULL DEFAULT 0);
+    """)
+    db.execute("INSERT INTO retrain_jobs VALUES ('old', 'driftloop', 'ctr', 'succeeded', ?, NULL, 1, 2, "
+               "'', 0, ?, 1)", (make_spec("old").to_json(), '{"model_version": "1"}'))
+    db.commit()
+    db.close()
+    store = SqlJobStore(path)
+    assert store.ungated() == [] and store.get("old") is not None
+    store.insert(JobRecord(job_id="new", model="ctr", state="running", spec=make_spec("new"), handle=None,
+                           started_ms=3))
+    store.finish("new", state="succeeded", finished_ms=4, reason="", result={"model_version": "2"})
+    assert [r.job_id for r in store.ungated()] == ["new"]

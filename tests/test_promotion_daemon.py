@@ -8,6 +8,7 @@ analysis stage's listener hands over, simulated with fixed seeds.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,12 @@ from connectors.state import StateStore
 from monitor.config import Config
 from monitor.labels import LabelSummary
 from monitor.promotion import PromotionController
+from monitor.retraining import job_store_location
+from retrain.jobs import JobRecord, SqlJobStore
 from retrain.promote import CHAMPION, PREVIOUS
+from tests.daemon_proc import wait_until
 from tests.mlflow_fixtures import unique_model_name
+from tests.test_jobs import make_spec
 from tests.test_promote import BASE, CLEARLY_BETTER, WORSE, Versions, world_frame
 
 
@@ -38,9 +43,10 @@ class Clock:
         return self.t
 
 
-def make(tmp: Path, uri: str, **promotion: Any) -> tuple[PromotionController, list[dict[str, Any]],
-                                                          StateStore, Clock]:
+def make(tmp: Path, uri: str, retrain: dict[str, Any] | None = None,
+         **promotion: Any) -> tuple[PromotionController, list[dict[str, Any]], StateStore, Clock]:
     config = msgspec.convert({"storage": {"data_dir": str(tmp)}, "mlflow": {"tracking_uri": uri},
+                              "retrain": retrain or {},
                               "promotion": {"watch_events": 100_000, "baseline_events": 50_000,
                                             "canary_min_events": 2000, **promotion}}, Config)
     submitted: list[dict[str, Any]] = []
@@ -121,6 +127,41 @@ def test_a_worse_challenger_is_kept_out_and_the_reason_is_recorded(
     assert submitted == []
     (decision,) = c.history.decisions(model)
     assert not decision.decision.promote and decision.decision.code != "promote"
+
+
+def test_a_succeeded_job_in_the_store_is_gated_once_whichever_controller_sees_it(
+        mlflow_server: str, tmp_path: Path, frames: dict[str, Any]) -> None:
+    """The job store is the gate's queue: the controller that leads when a job has
+    succeeded gates it (the one whose tracker saw it end may be dead), and the next
+    one, on the same store, does not gate it again."""
+    model = unique_model_name("ctr")
+    registry = ModelRegistry(mlflow_server)
+    versions = Versions(registry, model, tmp_path, frames)
+    champion = versions.register(BASE)
+    registry.set_alias(model, CHAMPION, champion)
+    challenger = versions.register(CLEARLY_BETTER)
+    versions.report(challenger, champion)
+    c, submitted, state, _ = make(tmp_path, mlflow_server, retrain={"enabled": True})
+    store = SqlJobStore(job_store_location(c.config), group_id=c.config.kafka.group_id)
+    store.insert(JobRecord(job_id="job-9", model=model, state="running", spec=make_spec("job-9", model=model),
+                           handle=None, started_ms=1))
+    store.finish("job-9", state="succeeded", finished_ms=2, reason="",
+                 result={"status": "succeeded", "model_version": challenger})
+    c.start(state)
+    try:
+        wait_until(lambda: registry.version_by_alias(model, CHAMPION) == challenger, 30, "the gate")
+    finally:
+        c.stop()
+    assert store.ungated() == []
+    c2, submitted2, state2, _ = make(tmp_path, mlflow_server, retrain={"enabled": True})
+    c2.start(state2)
+    try:
+        time.sleep(3)  # a step or more
+    finally:
+        c2.stop()
+    assert len(c2.history.decisions(model)) == 1  # gated once
+    assert kinds(submitted) == ["model_promoted"] and kinds(submitted2) == []
+    store.close()
 
 
 def test_two_versions_serving_at_once_the_significantly_better_one_is_promoted(

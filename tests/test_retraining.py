@@ -157,6 +157,14 @@ def test_a_failed_job_is_an_incident_and_the_next_success_resolves_it(
     (signal,) = failure["signals"]
     assert signal.kind == FAILED_KIND and signal.firing and signal.model == model
     assert "exit" in signal.summary and signal.evidence["state"] == "failed"
+    c.step(state)
+    assert len(submitted) == 1  # handed out once ...
+    # ... and, until the incident is committed, again by the next leader's controller
+    # (this one might have died holding it).
+    successor, resubmitted = controller(tmp_path, mlflow_server, behaviour="fail_exit", cooldown_seconds=0)
+    successor.step(state)
+    assert [s.kind for s in resubmitted[0]["signals"]] == [FAILED_KIND]
+    successor.jobs.close()
 
     # The analysis stage commits it as an incident (one writer of the incident book; its
     # own store here, without the stand-in segments, which it would try to read) ...
@@ -166,6 +174,11 @@ def test_a_failed_job_is_an_incident_and_the_next_success_resolves_it(
     analysis.step()
     (row,) = incidents.incidents(status="firing")
     assert Incident.from_json(row.body).fingerprint == f"{FAILED_KIND}/{model}/training"
+    analysis.submit(**resubmitted[0])  # the successor's copy: the same incident, no new event
+    analysis.step()
+    assert len(incidents.incidents()) == 1 and len(incidents.incident_events()) == 1
+    c.step(state)  # takes the acknowledgement: the outcome is durable, nobody reports it again
+    assert c.jobs.unreported() == []
 
     # ... and the next job that succeeds resolves it.
     c.config = config(tmp_path, mlflow_server, cooldown_seconds=0,
