@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -27,8 +29,10 @@ from connectors.summaries import SummaryStore
 from monitor.incidents import Incident
 from monitor.labels import LabelSummary
 from monitor.profile import Profile
+from retrain.jobs import SqlJobStore
 from tests.daemon_proc import DaemonProcess, produce, wait_until
 from tests.events_gen import drifting_world
+from tests.mlflow_fixtures import unique_model_name
 from tests.pg_fixtures import fresh_database
 from tests.receivers import Answer, Receiver, Request, standard_webhooks_verify
 
@@ -367,3 +371,108 @@ def test_killing_the_leader_hands_over_and_loses_or_doubles_nothing(
             alerted[(a["incident_id"], a["transition"])] += 1
     assert set(alerted) == transitions
     assert all(n == 1 for n in alerted.values()), alerted
+
+
+def _post(daemon: DaemonProcess, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(f"http://127.0.0.1:{daemon.port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.mark.mlflow
+def test_a_training_job_in_flight_when_the_leader_dies_is_neither_lost_nor_doubled(
+        kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state_url: str,
+        mlflow_server: str) -> None:
+    """The leader starts a job, then dies with it running. The next leader re-attaches
+    it from the shared job store, sees it fail, raises the one ``training_failed``
+    incident and pages once; nobody starts a second job for the same request."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    from mlflow import MlflowClient
+
+    model = unique_model_name("ctr")
+    client = MlflowClient(mlflow_server)
+    client.create_registered_model(model)
+    run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+    client.log_text(run.info.run_id, "a stand-in", "model/MLmodel")
+    champion = client.create_model_version(model, source=f"{run.info.artifact_uri}/model",
+                                           run_id=run.info.run_id)
+    client.set_registered_model_alias(model, "champion", champion.version)
+
+    topics = _topics(kafka_bootstrap)
+    preds, fbs = drifting_world(20 * SEC, 500, (10 * SEC, 15 * SEC), seed=3)
+    with Receiver(lambda req: Answer(204)) as hook:
+        overrides = {
+            **MONITOR, **_cluster(state_url),
+            "mlflow": {"tracking_uri": mlflow_server},
+            # The job: a stand-in that runs long enough to outlive its leader, then fails.
+            "retrain": {"enabled": True, "entry_module": "tests.fake_jobs", "min_fresh_labels": 0,
+                        "params": {"behaviour": "report_failed", "sleep_s": 12}},
+            "alerts": {"sinks": [{"name": "oncall", "type": "webhook", "url": hook.url + "/hook",
+                                  "secret_env": SECRET_ENV, "allow_http": True}],
+                       "group_wait_seconds": 0, "poll_seconds": 0.2, "backoff_initial_seconds": 0.2},
+        }
+        shared = tmp_path / "cluster"
+        replicas = [DaemonProcess(tmp_path / f"r{i}", kafka_bootstrap, topics, instance=f"r{i}",
+                                  group=GROUP, shared_dir=shared, overrides=overrides) for i in range(2)]
+        for r in replicas:
+            r.start()
+        try:
+            for r in replicas:
+                r.wait_ready()
+            _produce(kafka_bootstrap, topics, preds, fbs)
+            (leader,) = wait_until(lambda: _leaders(replicas), 60, "a leader")
+            boss = next(r for r in replicas if r.instance == leader)
+
+            def launched() -> bool:
+                # Until labels have matured the answer is no_data, and nothing starts.
+                retrain = (boss.status() or {}).get("retrain") or {}
+                if retrain.get("running"):
+                    return True
+                code, _ = _post(boss, "/retrain", {"model": model, "who": "test"})
+                assert code == 202
+                return False
+
+            wait_until(launched, 90, "a job launched", every=1.0)
+            boss.kill9()
+            killed_at = time.monotonic()
+            (successor,) = [r for r in replicas if r is not boss]
+            wait_until(lambda: _leaders([successor]), 30, "a new leader", every=0.1)
+            handover_s = time.monotonic() - killed_at
+            # The same request again, to the new leader: the running job answers it.
+            assert _post(successor, "/retrain", {"model": model, "who": "test"})[0] == 202
+
+            def failed_and_paged() -> bool:
+                incidents, _ = _incidents(state_url)
+                return (any(i.kind == "training_failed" for i in incidents)
+                        and any(b"training_failed" in q.body for q in hook.accepted()))
+
+            wait_until(failed_and_paged, 60, "the job's failure as an incident and a page")
+            time.sleep(3.0)  # nothing more may come
+            status = successor.status() or {}
+            assert successor.terminate() == 0, successor.tail()
+        finally:
+            for r in replicas:
+                r.stop_quietly()
+        accepted = hook.accepted()
+
+    assert handover_s <= CLUSTER["cluster"]["leader_timeout_seconds"] + 2.0, handover_s
+    jobs = SqlJobStore(state_url, group_id=GROUP)
+    try:
+        (job,) = jobs.jobs(model=model)
+        assert job.state == "failed" and jobs.unreported() == [] and job.started_ms > 0, job.reason
+        decisions = [d.decision.code for d in jobs.decisions(100, model=model)]
+    finally:
+        jobs.close()
+    # One launch; the request the new leader got is answered by the job it re-attached.
+    assert decisions.count("launched") == 1 and decisions[0] == "running", decisions
+    assert any(d["job_id"] == job.job_id for d in status["retrain"]["recent_jobs"])
+    incidents, events = _incidents(state_url)
+    failed = [i for i in incidents if i.kind == "training_failed"]
+    assert len(failed) == 1 and failed[0].evidence["job_id"] == job.job_id
+    assert [e[2] for e in events if e[1] == failed[0].id] == ["firing"]
+    pages = {q.headers["webhook-id"] for q in accepted if b"training_failed" in q.body}
+    assert len(pages) == 1, pages

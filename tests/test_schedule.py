@@ -14,6 +14,7 @@ import pytest
 from retrain import schedule as schedule_mod
 from retrain.schedule import FIRE_REF, RetrainSchedule, cron_trigger, fire
 from retrain.spec import Trigger
+from tests.pg_fixtures import fresh_database
 
 JAN_1 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)  # a Thursday
 
@@ -28,9 +29,15 @@ class Collector:
         self.event.set()
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'var' / 'schedule.sqlite'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A file for one daemon; the cluster's PostgreSQL database, as
+    `monitor.retraining.schedule_store_url` gives it, for several replicas."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'var' / 'schedule.sqlite'}"
+        return
+    with fresh_database(request.getfixturevalue("postgres_uri")) as pg:
+        yield "postgresql+psycopg://" + pg.split("://", 1)[1]
 
 
 @pytest.fixture
