@@ -671,7 +671,8 @@ class PromotionConfig(_Section):
     #: How often the champion alias is read, to notice promotions made elsewhere.
     poll_seconds: float = 30.0
     #: Who may move aliases: a lease in <data_dir>/promotion.db (one machine), or a
-    #: PostgreSQL advisory lock (several replicas).
+    #: PostgreSQL advisory lock (several replicas; with storage.state_url set, an
+    #: advisory lock on that database is used without this).
     lock: Literal["sqlite", "postgres"] = "sqlite"
     lock_dsn_env: str | None = None
 

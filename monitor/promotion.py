@@ -64,26 +64,41 @@ from retrain.promote import (
     SqliteAliasLock,
 )
 
-__all__ = ["PromotionController", "build_promoter"]
+__all__ = ["PromotionController", "build_promoter", "history_location"]
 
 log = logging.getLogger(__name__)
 
 _STATE_KEY = "promotion/live"
 
 
+def history_location(config: Config) -> str | Path:
+    """Where alias moves and gate decisions are kept: the cluster's PostgreSQL database
+    when the state store is one (the next leader reads the same history), else
+    ``<data_dir>/promotion.db``."""
+    return config.storage.state_url or Path(config.storage.data_dir) / "promotion.db"
+
+
 def build_promoter(config: Config, registry: ModelRegistry, *, owner: str) -> tuple[Promoter, AliasHistory]:
-    """The promoter the daemon and the CLI share: same lock, same history."""
+    """The promoter the daemon and the CLI share: same lock, same history.
+
+    The lock: ``promotion.lock: postgres`` with its own DSN; else, with the state store
+    on PostgreSQL, an advisory lock on that database (a lease in one replica's
+    data_dir would guard nothing on the others); else the SQLite lease.
+    """
     pc = config.promotion
     workdir = Path(config.storage.data_dir)
     workdir.mkdir(parents=True, exist_ok=True)
-    history = AliasHistory(workdir / "promotion.db")
+    history = AliasHistory(history_location(config))
+    key = f"driftloop.aliases.{config.kafka.group_id}"
     lock: AliasLock
     if pc.lock == "postgres":
         dsn = os.environ.get(pc.lock_dsn_env or "", "")
         if not dsn:
             msg = f"promotion.lock_dsn_env: environment variable {pc.lock_dsn_env} is not set"
             raise ValueError(msg)
-        lock = PostgresAdvisoryLock(dsn, f"driftloop.aliases.{config.kafka.group_id}")
+        lock = PostgresAdvisoryLock(dsn, key)
+    elif config.storage.state_url:
+        lock = PostgresAdvisoryLock("postgresql://" + config.storage.state_url.split("://", 1)[1], key)
     else:
         lock = SqliteAliasLock(workdir / "promotion.db")
     return Promoter(registry, lock, history, owner=owner), history
@@ -409,5 +424,5 @@ class PromotionController:
     def _history_reader(self) -> AliasHistory:
         # Its own connection: status runs on the HTTP server's threads.
         if self._status_history is None:
-            self._status_history = AliasHistory(Path(self.config.storage.data_dir) / "promotion.db")
+            self._status_history = AliasHistory(history_location(self.config))
         return self._status_history

@@ -74,6 +74,7 @@ from retrain.promote import (
 )
 from tests.ctr_world import World
 from tests.mlflow_fixtures import unavailable, unique_model_name
+from tests.pg_fixtures import fresh_database
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -346,8 +347,18 @@ def test_a_dead_holders_lock_lapses(tmp_path: Path, postgres_uri: str) -> None:
 # -- history -----------------------------------------------------------------------------------
 
 
-def test_the_history_keeps_moves_newest_first_and_what_previous_was(tmp_path: Path) -> None:
-    h = AliasHistory(tmp_path / "state.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def history_at(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | Path]:
+    """One daemon's file, or the database a cluster's replicas share."""
+    if request.param == "sqlite":
+        yield tmp_path / "state.db"
+        return
+    with fresh_database(request.getfixturevalue("postgres_uri")) as url:
+        yield url
+
+
+def test_the_history_keeps_moves_newest_first_and_what_previous_was(history_at: str | Path) -> None:
+    h = AliasHistory(history_at)
     mv = [AliasMove("ctr", PREVIOUS, None, "1", "promote", 1, "d", "w1", {"k": 1}),
           AliasMove("ctr", CHAMPION, "1", "2", "promote", 1, "d", "w1"),
           AliasMove("ctr", CHAMPION, "2", "1", "rollback", 2, "p", "w2"),
@@ -360,7 +371,7 @@ def test_the_history_keeps_moves_newest_first_and_what_previous_was(tmp_path: Pa
     assert h.moves("ctr", 1)[0].why == "w2" and h.moves("ctr", alias=PREVIOUS)[-1].evidence == {"k": 1}
     # The rollback's own move of previous (1 -> 0) is no evidence of what came before 0.
     assert h.previous_before("ctr", "1") is None and h.previous_before("ctr", "0") is None
-    assert AliasHistory(tmp_path / "state.db").moves("other")[0].to_version == "9"  # persisted
+    assert AliasHistory(history_at).moves("other")[0].to_version == "9"  # persisted
     with pytest.raises(ValueError, match="from 1 to itself"):
         AliasMove("ctr", CHAMPION, "1", "1", "promote", 0, "d", "w")
     checks = Gate().decide(hand_report()).checks

@@ -20,12 +20,13 @@ from connectors.registry import ModelRegistry
 from connectors.state import StateStore
 from monitor.config import Config
 from monitor.labels import LabelSummary
-from monitor.promotion import PromotionController
+from monitor.promotion import PromotionController, build_promoter
 from monitor.retraining import job_store_location
 from retrain.jobs import JobRecord, SqlJobStore
-from retrain.promote import CHAMPION, PREVIOUS
+from retrain.promote import CHAMPION, PREVIOUS, AliasLockBusy, AliasMove, PostgresAdvisoryLock
 from tests.daemon_proc import wait_until
 from tests.mlflow_fixtures import unique_model_name
+from tests.pg_fixtures import fresh_database
 from tests.test_jobs import make_spec
 from tests.test_promote import BASE, CLEARLY_BETTER, WORSE, Versions, world_frame
 
@@ -206,3 +207,26 @@ def test_a_promotion_made_elsewhere_is_noticed_and_watched(
     c.step(state)
     assert c.status()["watches"][model]["version"] == v2
     assert kinds(submitted) == ["model_promoted"]
+
+
+def test_with_the_state_on_postgresql_every_replica_promotes_under_one_lock_and_history(
+        mlflow_server: str, tmp_path: Path, postgres_uri: str) -> None:
+    """A lease in one replica's data_dir would guard nothing on the others."""
+    with fresh_database(postgres_uri) as url:
+        promoters = []
+        for i in range(2):
+            config = msgspec.convert({"storage": {"data_dir": str(tmp_path / f"r{i}"), "state_url": url},
+                                      "mlflow": {"tracking_uri": mlflow_server}}, Config)
+            promoters.append(build_promoter(config, ModelRegistry(mlflow_server), owner=f"r{i}"))
+        (a, ha), (b, hb) = promoters
+        assert isinstance(a.lock, PostgresAdvisoryLock) and ha.path is None
+        ha.record([AliasMove("ctr", CHAMPION, None, "4", "promote", 1, "r0", "gate")])
+        assert [m.to_version for m in hb.moves("ctr")] == ["4"]  # the next leader's view
+        with a.lock.hold("r0", ttl_s=30):
+            assert not b.lock.acquire("r1", ttl_s=30)
+            with pytest.raises(AliasLockBusy), b.lock.hold("r1", ttl_s=30):
+                pass
+        assert b.lock.acquire("r1", ttl_s=30)
+        b.lock.release("r1")
+        for h in (ha, hb):
+            h.close()
