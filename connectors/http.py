@@ -180,9 +180,16 @@ class ControlServer:
                     return
                 path = self.path.split("?", 1)[0]
                 action = posts.get(path)
-                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
                 if action is None:
                     code, doc = 404, {"error": "not found"}
+                elif length < 0:
+                    # The body cannot be found in the stream: answer and close.
+                    code, doc = 400, {"error": "Content-Length must be a non-negative integer"}
+                    self.close_connection = True
                 elif length > 65_536:
                     code, doc = 400, {"error": "body too large"}
                 else:

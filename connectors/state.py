@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "CommitOutcomeUnknown",
+    "FencedOut",
     "IncidentRow",
     "MonitorCommit",
     "OutboxRow",
@@ -130,6 +131,12 @@ CREATE TABLE IF NOT EXISTS alert_outbox (
 );
 CREATE INDEX IF NOT EXISTS alert_outbox_pending ON alert_outbox (group_id, sink, delivered_ms,
                                                                  gave_up_ms, first_seq);
+CREATE TABLE IF NOT EXISTS leader_fence (
+    group_id TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    holder TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
 """
 
 
@@ -154,6 +161,12 @@ class CommitOutcomeUnknown(StateStoreUnavailable):
     the transaction registered, but reconcile them with the store once it is back
     (`monitor.ingest.Ingestor.recover` does exactly that for a checkpoint's files).
     """
+
+
+class FencedOut(RuntimeError):
+    """A leader's write refused: another replica has taken leadership since this one
+    did (a higher epoch in ``leader_fence``). Nothing of the write happened; the
+    process must stop deciding (the daemon exits with code 3)."""
 
 
 class _Refused(Exception):
@@ -329,6 +342,8 @@ class StateStore:
 
     path: Path | None
     _db: _Connection
+    #: The leadership epoch this connection writes under (`fence`); None: unfenced.
+    _fence: int | None = None
 
     def __init__(self, path: Path, *, group_id: str, instance: str) -> None:
         self.path = Path(path)
@@ -491,12 +506,77 @@ class StateStore:
             "WHERE group_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (self.group_id, after_seq, limit))]
 
+    # -- leadership epochs (fencing) ----------------------------------------------
+
+    def take_leadership(self, holder: str) -> int:
+        """Start a new leadership epoch for the group and return it (1, 2, ...).
+
+        Called by a replica that has just taken the leader lock, before it decides
+        anything. Every connection it then writes decisions through is `fence`d with
+        the epoch, so a leader that was paused past its lock's timeout and wakes up
+        cannot commit once its successor has started: the lock says who may decide
+        now, the epoch refuses what an earlier holder still tries.
+        """
+        now = int(time.time() * 1000)
+        with self._db.transaction():
+            row = self._db.execute(
+                "INSERT INTO leader_fence (group_id, epoch, holder, at_ms) VALUES (?, 1, ?, ?) "
+                "ON CONFLICT (group_id) DO UPDATE SET epoch = leader_fence.epoch + 1, "
+                "holder = excluded.holder, at_ms = excluded.at_ms RETURNING epoch",
+                (self.group_id, holder, now)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def fence(self, epoch: int | None) -> None:
+        """Refuse this connection's decision writes (`commit_monitor`) unless ``epoch`` is
+        still the group's newest; None lifts the fence."""
+        self._fence = epoch
+
+    def leader_epoch(self) -> tuple[int, str] | None:
+        """The group's newest epoch and who took it, None before any leader."""
+        row = self._db.execute("SELECT epoch, holder FROM leader_fence WHERE group_id = ?",
+                               (self.group_id,)).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def check_fence(self) -> None:
+        """Raise `FencedOut` now if the fence no longer holds (before an action outside
+        the database, a job launch, which no transaction can take back)."""
+        if self._fence is None:
+            return
+        with self._db.transaction():
+            self._hold_fence()
+
+    def _hold_fence(self) -> None:
+        """Inside a transaction: confirm the epoch and keep it for the transaction.
+
+        An UPDATE rather than a SELECT: on PostgreSQL the row lock it takes makes a
+        successor's `take_leadership` wait for this commit, so no write of the old
+        epoch lands after the new one began (SQLite's writers take turns anyway).
+        """
+        if self._fence is None:
+            return
+        changed = self._db.execute(
+            "UPDATE leader_fence SET at_ms = at_ms WHERE group_id = ? AND epoch = ?",
+            (self.group_id, self._fence)).rowcount
+        if changed != 1:
+            newest = self._db.execute("SELECT epoch, holder FROM leader_fence WHERE group_id = ?",
+                                      (self.group_id,)).fetchone()
+            now = f"epoch {newest[0]} was taken by {newest[1]}" if newest else "no epoch is recorded"
+            msg = (f"leadership epoch {self._fence} of group {self.group_id!r} is over: {now}; "
+                   "this replica's write was refused")
+            raise FencedOut(msg)
+
     def commit_monitor(self, step: MonitorCommit) -> None:
         """Make one analysis step durable atomically: progress, detector state and the
-        incidents it changed move together, so a crash repeats the step or not at all."""
+        incidents it changed move together, so a crash repeats the step or not at all.
+
+        Raises:
+            FencedOut: the connection is fenced and a newer leader has started.
+        """
         now = int(time.time() * 1000)
         db = self._db
         with db.transaction():
+            self._hold_fence()
             if step.events:
                 db.serialize_incident_log(self.group_id)
             db.executemany(

@@ -134,12 +134,18 @@ CREATE TABLE IF NOT EXISTS alert_outbox (
 );
 CREATE INDEX IF NOT EXISTS alert_outbox_pending ON alert_outbox (group_id, sink, delivered_ms,
                                                                  gave_up_ms, first_seq);
+CREATE TABLE IF NOT EXISTS leader_fence (
+    group_id TEXT COLLATE "C" PRIMARY KEY,
+    epoch BIGINT NOT NULL,
+    holder TEXT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
 """
 
 #: Every relation PG_SCHEMA creates: when all exist, opening runs no DDL at all.
 _RELATIONS = ("positions", "topic_clocks", "spills", "segments", "segments_window", "monitor_state",
               "incidents", "incidents_status", "incident_events", "incident_events_group",
-              "alert_outbox", "alert_outbox_pending")
+              "alert_outbox", "alert_outbox_pending", "leader_fence")
 
 
 def _lock_key(name: str) -> int:

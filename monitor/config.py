@@ -741,12 +741,17 @@ class Config(_Section):
         if self.instance_id is not None and not _INSTANCE_RE.match(self.instance_id):
             msg = f"instance_id {self.instance_id!r} must match {_INSTANCE_RE.pattern}"
             raise ValueError(msg)
+        if self.instance_id is not None and "--" in self.instance_id:
+            # File names are <window>--<instance>--<seq>: instance "a" would take "a--b"'s
+            # files for its own when it cleans up after a crash.
+            msg = f"instance_id {self.instance_id!r} must not contain '--' (it separates file name parts)"
+            raise ValueError(msg)
 
     @property
     def instance(self) -> str:
         if self.instance_id:
             return self.instance_id
-        host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
+        host = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()))[:64]
         return host or "driftloop"
 
 

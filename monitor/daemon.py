@@ -34,7 +34,7 @@ from connectors.kafka import (
 )
 from connectors.leader import LeaderLockError, leader_lock
 from connectors.mlflow_auth import apply_credentials
-from connectors.state import StateStore, open_state_store
+from connectors.state import FencedOut, StateStore, open_state_store
 from connectors.store import FeedbackStore, SpillFiles, open_feedback_store
 from connectors.summaries import SummaryStore
 from monitor.alerting import AlertDispatcher, build_dispatcher
@@ -119,6 +119,8 @@ class Daemon:
                                   timeout_s=config.cluster.leader_timeout_seconds)
                       if config.cluster.enabled and self.analysis is not None else None)
         self._is_leader = self._lock is None
+        #: This replica's leadership epoch (`_take_epoch`); None: not leading, or alone.
+        self._epoch: int | None = None
         self._leader_started = False
         self._exit_code = 0
         self._leadership_thread = threading.Thread(target=self._leadership, name="leadership",
@@ -393,16 +395,20 @@ class Daemon:
         while not self._stop.is_set():
             self._analysis_wakeup.wait(timeout=idle)
             self._analysis_wakeup.clear()
-            if self._is_leader and not self.analysis.leader:
-                self.analysis.become_leader()
-                self._lead()
             try:
+                if self._is_leader and not self.analysis.leader:
+                    self._take_epoch()
+                    self.analysis.become_leader()
+                    self._lead()
                 while self.analysis.step() and not self._stop.is_set():
                     pass
                 self.analysis.last_error = None
                 backoff = 1.0
             except NotYet:
                 continue
+            except FencedOut as exc:
+                self._fenced_out(exc)
+                return
             except Exception as exc:
                 self.metrics.analysis_failures.inc()
                 self.analysis.last_error = repr(exc)
@@ -527,9 +533,30 @@ class Daemon:
                              generated_ms=int(time.time() * 1000))
 
     def _open_state(self) -> StateStore:
-        """A connection of its own (SQLite and psycopg connections are per thread here)."""
-        return open_state_store(self.config.storage, group_id=self.config.kafka.group_id,
-                                instance=self.config.instance)
+        """A connection of its own (SQLite and psycopg connections are per thread here),
+        fenced with this leader's epoch once there is one."""
+        state = open_state_store(self.config.storage, group_id=self.config.kafka.group_id,
+                                 instance=self.config.instance)
+        state.fence(self._epoch)
+        return state
+
+    def _take_epoch(self) -> None:
+        """A new leadership epoch, before anything is decided: every decision this
+        replica commits from now on is refused once a successor has taken the next one
+        (a leader paused past its lock's timeout that wakes up; docs/scale-out.md)."""
+        if self._lock is None or self.analysis is None:
+            return
+        self._epoch = self.analysis.state.take_leadership(self.config.instance)
+        self.analysis.state.fence(self._epoch)
+        log.info("leadership epoch taken", extra={"fields": {"epoch": self._epoch}})
+
+    def _fenced_out(self, exc: FencedOut) -> None:
+        log.error("a newer leader has started: stopping without deciding anything more",
+                  extra={"fields": {"instance": self.config.instance, "error": str(exc)}})
+        self.metrics.leader.set(0)
+        self._is_leader = False
+        self._exit_code = 3
+        self.stop()
 
     def _pages_store(self) -> StateStore:
         if self._pages_state is None:

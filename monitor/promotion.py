@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from connectors.registry import ModelRegistry, RegistryError
-from connectors.state import MonitorCommit, StateStore
+from connectors.state import FencedOut, MonitorCommit, StateStore
 from monitor.config import Config
 from monitor.incidents import Severity, Signal
 from monitor.labels import LabelSummary
@@ -187,6 +187,11 @@ class PromotionController:
             try:
                 self.step(self._state)
                 self.last_error = None
+            except FencedOut as exc:
+                self.last_error = str(exc)
+                log.error("promotion stops: a newer leader has started", extra={"fields": {
+                    "error": str(exc)}})
+                return
             except Exception as exc:
                 self.last_error = repr(exc)
                 log.exception("promotion step failed; retrying")
@@ -241,6 +246,12 @@ class PromotionController:
 
     # -- after a job ---------------------------------------------------------------------
 
+    def _check_fence(self) -> None:
+        """Before an alias moves (no transaction takes that back): raises `FencedOut`
+        when a newer leader has started."""
+        if self._state is not None:
+            self._state.check_fence()
+
     def _gate_stored_jobs(self) -> bool:
         """Gate every succeeded job's challenger not gated yet, and mark it.
 
@@ -276,6 +287,7 @@ class PromotionController:
         report = EvaluationReport.from_dict(json.loads(raw))
         previous = self.registry.version_by_alias(model, CHAMPION)
         try:
+            self._check_fence()
             outcome = self.promoter.decide_and_promote(model, version, report, self.gate, who="driftloop",
                                                        evidence={"job_id": job["job_id"]})
         except (PromotionError, RegistryError) as exc:
@@ -331,6 +343,7 @@ class PromotionController:
                f"after {result.events} events (sequential test, drop of about "
                f"{max(result.detected_drops or (0.0,)):.0%})")
         try:
+            self._check_fence()
             self.promoter.rollback(model, who="driftloop", why=why, evidence=result.to_dict())
         except (PromotionError, RegistryError) as exc:
             log.error("rollback failed", extra={"fields": {"model": model, "error": str(exc)}})
@@ -374,6 +387,7 @@ class PromotionController:
         why = (f"canary: v{challenger} {result.rates[challenger]:.4g} vs champion v{champion} "
                f"{result.rates[str(champion)]:.4g}, mSPRT {result.statistic:.3g} >= {result.threshold:.3g}")
         try:
+            self._check_fence()
             self.promoter.promote(model, challenger, who="driftloop-canary", why=why,
                                   evidence=result.to_dict(), expected_champion=champion)
         except (PromotionError, RegistryError) as exc:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.registry import ModelRegistry, RegistryError
-from connectors.state import MonitorCommit, StateStore, is_postgres_url
+from connectors.state import FencedOut, MonitorCommit, StateStore, is_postgres_url
 from monitor.config import Config
 from monitor.incidents import Incident, Severity, Signal
 from monitor.join import JoinSpec, matured_upto
@@ -198,6 +198,12 @@ class RetrainController:
             try:
                 self.step(self._state)
                 self.last_error = None
+            except FencedOut as exc:
+                # A newer leader decides now; the daemon is stopping (docs/scale-out.md).
+                self.last_error = str(exc)
+                log.error("retraining stops: a newer leader has started", extra={"fields": {
+                    "error": str(exc)}})
+                return
             except Exception as exc:  # a full disk, a broken store: say so, retry
                 self.last_error = repr(exc)
                 log.exception("retraining step failed; retrying")
@@ -297,6 +303,8 @@ class RetrainController:
                 decision = Decision(launch=False, code="registry", trigger=trigger, at_ms=now_ms,
                                     reason=f"registry: cannot read {trigger.model}@{CHAMPION}: {exc}")
             else:
+                # Not undone by any rollback: a leader whose epoch is over launches nothing.
+                state.check_fence()
                 record = self.tracker.start(spec)
                 job_id = record.job_id
         self.jobs.record_decision(decision, job_id=job_id)

@@ -32,6 +32,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     ("{}\n", {"DRIFTLOOP__KAFKA__NOPE": "1"},
      "environment variable DRIFTLOOP__KAFKA__NOPE: kafka.nope: unknown key"),
     ("kafka: {\n", {}, "is not valid YAML"),
+    ("instance_id: a--b\n", {}, "instance_id 'a--b' must not contain '--'"),
+    ("retrain:\n  entry_module: my-job\n", {}, "retrain.entry_module must be a dotted module name"),
 ])
 def test_bad_config_exits_2_with_one_message_naming_the_key(
         tmp_path: Path, yaml_text: str, env: dict[str, str], expected: str) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -633,3 +634,19 @@ def test_cli_rollback_authenticates_with_the_configured_token(mlflow_server: str
 def test_http_config_defaults_to_loopback() -> None:
     assert HttpConfig().host == "127.0.0.1"
     assert HttpConfig().token_env is None and not HttpConfig().allow_unauthenticated_actions
+
+
+@pytest.mark.parametrize("length", ["abc", "-5", "1e3"])
+def test_a_post_whose_content_length_is_not_a_length_gets_400_not_500(
+        control: tuple[ControlServer, Retrains], length: str) -> None:
+    server, retrains = control
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"POST /retrain HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken-Abc.123\r\n"
+                     f"Content-Length: {length}\r\n\r\n{{}}".encode())
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.split(b"\r\n")[0] == b"HTTP/1.0 400 Bad Request", answer
+    assert b"Content-Length must be a non-negative integer" in body
+    assert retrains.bodies == []

@@ -20,6 +20,7 @@ import pytest
 
 from connectors.state import (
     CommitOutcomeUnknown,
+    FencedOut,
     IncidentRow,
     MonitorCommit,
     OutboxRow,
@@ -622,3 +623,36 @@ def test_a_zombie_replica_cannot_write_a_duplicate(tmp_path: Path, where: Where)
     b.checkpoint()
     ids = stored_ids(tmp_path)
     assert len(ids) == 1_000 and len(set(ids)) == 1_000
+
+
+# -- leadership epochs ------------------------------------------------------------------------
+
+
+def test_a_leader_whose_epoch_is_over_cannot_commit_and_its_successor_can(where: Where) -> None:
+    old, new, follower = opened(where, "r0"), opened(where, "r1"), opened(where, "r2")
+    assert old.leader_epoch() is None
+    first = old.take_leadership("r0")
+    old.fence(first)
+    old.commit_monitor(MonitorCommit(values={"drift_upto": "1"}, incidents=(incident("i1"),),
+                                     events=(("i1", "firing", "{}"),)))
+    old.check_fence()
+    # r0 pauses past its lock's timeout; r1 takes the lock and a new epoch.
+    second = new.take_leadership("r1")
+    new.fence(second)
+    assert second == first + 1 and follower.leader_epoch() == (second, "r1")
+    with pytest.raises(FencedOut, match=rf"epoch {first} .* epoch {second} was taken by r1"):
+        old.commit_monitor(MonitorCommit(values={"drift_upto": "2"}, incidents=(incident("i2"),),
+                                         events=(("i2", "firing", "{}"),)))
+    with pytest.raises(FencedOut):
+        old.check_fence()
+    # Nothing of the refused step landed: not its pointer, incident or event.
+    assert follower.monitor_value("drift_upto") == "1"
+    assert [r.id for r in follower.incidents()] == ["i1"] and len(follower.incident_events()) == 1
+    new.commit_monitor(MonitorCommit(values={"drift_upto": "2"}))
+    follower.commit_monitor(MonitorCommit(values={"ref/x": "y"}))  # unfenced: not a decision
+    assert follower.monitor_value("drift_upto") == "2"
+    # Another group's epochs are its own.
+    other = opened(where, "r0", group_id="other")
+    assert other.take_leadership("r0") == 1
+    for s in (old, new, follower, other):
+        s.close()
