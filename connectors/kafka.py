@@ -41,6 +41,7 @@ __all__ = [
     "TopicPartition",
     "client_security",
     "commit_offsets",
+    "group_joined",
     "make_consumer",
 ]
 
@@ -190,10 +191,35 @@ def make_consumer(settings: Any, topics: Iterable[str], listener: Listener,
     static = {"group_instance_id": instance} if settings.static_membership else {}
     if security is None:
         security = client_security(settings)
+    topics = list(topics)
     with explain_refusals(settings):
         consumer = _consumer(settings, static, security)
-    consumer.subscribe(topics=list(topics), listener=listener)
+        # The topics' partitions known before the first JoinGroup: otherwise the first
+        # assignment is empty, the metadata arriving just after forces a second
+        # rebalance at once, and kafka-python 3.0 loses that rejoin now and then (the
+        # member is synced on the broker, stops heartbeating and is never assigned;
+        # 4 starts in 25 on a loaded machine; docs/delivery.md).
+        for topic in topics:
+            consumer.partitions_for_topic(topic)
+    consumer.subscribe(topics=topics, listener=listener)
     return consumer
+
+
+def group_joined(consumer: KafkaConsumer) -> bool | None:
+    """Whether the consumer is a settled member of its group (not joining or about to);
+    None when kafka-python's coordinator does not expose it (the check is then off).
+
+    For the daemon's watchdog: a member stuck joining far longer than any rebalance can
+    take is rebuilt rather than left consuming nothing (docs/delivery.md).
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    need_rejoin = getattr(coordinator, "need_rejoin", None)
+    if coordinator is None or need_rejoin is None:
+        return None
+    try:
+        return not (need_rejoin() or getattr(coordinator, "rejoining", False))
+    except Exception:
+        return None
 
 
 def _consumer(settings: Any, static: dict[str, str], security: Mapping[str, Any]) -> KafkaConsumer:

@@ -30,6 +30,7 @@ from connectors.kafka import (
     Listener,
     TopicPartition,
     commit_offsets,
+    group_joined,
     make_consumer,
 )
 from connectors.leader import LeaderLockError, leader_lock
@@ -134,6 +135,8 @@ class Daemon:
         self._pending_seeks: dict[tuple[str, int], int] = {}
         self._backoff = 0.1
         self._last_checkpoint_at = 0.0
+        #: When the consumer was last seen start joining its group (`_join_stalled`).
+        self._joining_since: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -244,6 +247,9 @@ class Daemon:
             log.warning("poll failed", extra={"fields": {"error": repr(exc)}})
             self._reconnect()
             return
+        if self._join_stalled(consumer):
+            self._reconnect()
+            return
         by_topic: dict[str, list[tuple[int, Any]]] = defaultdict(list)
         for tp, records in polled.items():
             by_topic[tp.topic].append((tp.partition, records))
@@ -324,6 +330,30 @@ class Daemon:
                     "error": repr(exc), "retry_in_s": backoff}})
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
+
+    def _join_stalled(self, consumer: Any) -> bool:
+        """True once the consumer has been joining its group for longer than any
+        rebalance can take (the rebalance timeout, ``max_poll_interval_ms``, plus a
+        session): kafka-python 3.0 has been seen to lose a rejoin and sit synced on
+        the broker's side, assigned nothing, for good. Rebuilding the consumer joins
+        afresh (with static membership, in its old place)."""
+        joined = group_joined(consumer)
+        now = time.monotonic()
+        if joined is None or joined:
+            self._joining_since = None
+            return False
+        if self._joining_since is None:
+            self._joining_since = now
+            return False
+        k = self.config.kafka
+        limit_s = (k.max_poll_interval_ms + k.session_timeout_ms) / 1000
+        if now - self._joining_since < limit_s:
+            return False
+        log.error("the consumer has been joining its group for too long: rebuilding it",
+                  extra={"fields": {"joining_s": round(now - self._joining_since, 1),
+                                    "limit_s": limit_s}})
+        self._joining_since = None
+        return True
 
     def _reconnect(self) -> None:
         """Drop the consumer and build a new one on the next turn.

@@ -34,6 +34,7 @@ from typing import Any
 
 from connectors.registry import ModelRegistry, RegistryError
 from connectors.state import FencedOut, MonitorCommit, StateStore, is_postgres_url
+from connectors.summaries import SummaryStore
 from monitor.config import Config
 from monitor.incidents import Incident, Severity, Signal
 from monitor.join import JoinSpec, matured_upto
@@ -125,6 +126,10 @@ class RetrainController:
         self.workdir = Path(rc.workdir) if rc.workdir else Path(config.storage.data_dir) / "jobs"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.jobs = SqlJobStore(job_store_location(config), group_id=config.kafka.group_id)
+        #: The replicas' clocks (cluster.enabled): what is final is the group's to say.
+        self._group = (SummaryStore(config.storage.state_url or config.storage.state_path,
+                                    group_id=config.kafka.group_id)
+                       if config.cluster.enabled else None)
         self.tracker = JobTracker(self.jobs, launcher or build_launcher(config), workdir=self.workdir,
                                   clock=clock)
         self.join = JoinSpec(attribution_ms=config.monitor.attribution_seconds * 1000,
@@ -192,6 +197,8 @@ class RetrainController:
             self.schedule.shutdown(wait=False)
         self._thread.join(timeout=10)
         self.jobs.close()
+        if self._group is not None:
+            self._group.close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -276,9 +283,17 @@ class RetrainController:
             total += sum(s.rows for s in state.segments_of_window(topic, w))
         return total
 
+    def _closed_upto(self, state: StateStore, topic: str) -> int | None:
+        """How far ``topic``'s windows are final: this daemon's clock alone, or with
+        several replicas the group's (the least of every stakeholder's), since the
+        leader may own no partition of the topic at all."""
+        if self._group is None:
+            return state.closed_upto(topic)
+        return self._group.view(topic).closed_upto()
+
     def _matured_upto(self, state: StateStore) -> int | None:
-        pred = state.closed_upto(self.config.kafka.predictions_topic)
-        fb = matured_upto(self.join, state.closed_upto(self.config.kafka.feedback_topic))
+        pred = self._closed_upto(state, self.config.kafka.predictions_topic)
+        fb = matured_upto(self.join, self._closed_upto(state, self.config.kafka.feedback_topic))
         if pred is None or fb is None:
             return None
         return min(pred, fb)

@@ -41,7 +41,11 @@ pytestmark = pytest.mark.kafka
 SEC = 1000
 SHIFT = (30 * SEC, 45 * SEC)
 DURATION = 75 * SEC
-GROUP = "driftloop-test"
+#: The replicas' consumer group, one per test (`state_url`): the replicas join it as
+#: static members (their instance ids), and static members of an earlier test's group
+#: linger for a session timeout after their processes stop, holding up the next
+#: test's first rebalance.
+_GROUPS: dict[str, str] = {}
 #: The yardstick's own group: Kafka holds each group's offsets.
 SOLO = "driftloop-solo"
 PARTITIONS = 8
@@ -77,7 +81,7 @@ def _produce(bootstrap: str, topics: dict[str, str], preds: list, fbs: list) -> 
 
 
 def _group(where: str | Path) -> str:
-    return SOLO if isinstance(where, Path) and where.parent.name == "single" else GROUP
+    return SOLO if isinstance(where, Path) and where.parent.name == "single" else _GROUPS[str(where)]
 
 
 def _state(where: str | Path) -> StateStore:
@@ -212,6 +216,7 @@ def state_url(postgres_uri: str) -> Iterator[str]:
     """The replicas' shared state store: a fresh PostgreSQL database (the production path:
     advisory-lock leadership, summaries and positions in one database)."""
     with fresh_database(postgres_uri) as url:
+        _GROUPS[url] = f"driftloop-test-{uuid.uuid4().hex[:8]}"
         yield url
 
 
@@ -230,7 +235,8 @@ def test_three_replicas_compute_what_one_daemon_computes_with_exactly_one_leader
 
     shared = tmp_path / "cluster"
     replicas = [DaemonProcess(tmp_path / f"r{i}", kafka_bootstrap, topics, instance=f"r{i}",
-                              group=GROUP, shared_dir=shared, overrides={**MONITOR, **_cluster(where)})
+                              group=_group(where), shared_dir=shared,
+                              overrides={**MONITOR, **_cluster(where)})
                 for i in range(3)]
     for r in replicas:
         r.start()
@@ -259,7 +265,7 @@ def test_three_replicas_compute_what_one_daemon_computes_with_exactly_one_leader
     assert all(assignments) and len(set.union(*assignments)) == 2 * PARTITIONS
     assert not set.intersection(*assignments)
     assert leader_counts[1] > 0 and not any(n > 1 for n in leader_counts), leader_counts
-    summaries = SummaryStore(where, group_id=GROUP)
+    summaries = SummaryStore(where, group_id=_group(where))
     owners = {r[0] for r in summaries._rows("SELECT DISTINCT instance FROM window_summaries", ())}
     summaries.close()
     assert owners == {"r0", "r1", "r2"}  # every replica stored and summarised windows
@@ -302,7 +308,7 @@ def test_killing_the_leader_hands_over_and_loses_or_doubles_nothing(
                              "group_wait_seconds": 0, "poll_seconds": 0.2,
                              "backoff_initial_seconds": 0.2}}
         replicas = [DaemonProcess(tmp_path / f"r{i}", kafka_bootstrap, topics, instance=f"r{i}",
-                                  group=GROUP, shared_dir=shared,
+                                  group=_group(where), shared_dir=shared,
                                   overrides={**monitor, **_cluster(where), **alerts})
                     for i in range(3)]
         for r in replicas:
@@ -336,6 +342,9 @@ def test_killing_the_leader_hands_over_and_loses_or_doubles_nothing(
             wait_until(Settled(where, last_ts), 300, "the replicas to settle", every=0.5)
             time.sleep(2.0)  # alerts of the last transitions
             assert len(_leaders(replicas)) == 1
+            state = _state(where)
+            epoch = state.leader_epoch()  # before the shutdown hands leadership on
+            state.close()
             for r in replicas:
                 assert r.terminate() == 0, r.tail()
         finally:
@@ -344,6 +353,8 @@ def test_killing_the_leader_hands_over_and_loses_or_doubles_nothing(
         accepted = hook.accepted()
 
     assert handover_s <= CLUSTER["cluster"]["leader_timeout_seconds"] + 2.0, handover_s
+    # Two leaderships, two epochs: the successor decided under the second one.
+    assert epoch == (2, successor[0]), epoch
     single = _run_single(kafka_bootstrap, topics, tmp_path / "single", last_ts, monitor)
     _assert_same_statistics(single, where)
     ia, _ = _incidents(single)
@@ -417,7 +428,8 @@ def test_a_training_job_in_flight_when_the_leader_dies_is_neither_lost_nor_doubl
         }
         shared = tmp_path / "cluster"
         replicas = [DaemonProcess(tmp_path / f"r{i}", kafka_bootstrap, topics, instance=f"r{i}",
-                                  group=GROUP, shared_dir=shared, overrides=overrides) for i in range(2)]
+                                  group=_group(state_url), shared_dir=shared, overrides=overrides)
+                    for i in range(2)]
         for r in replicas:
             r.start()
         try:
@@ -453,6 +465,9 @@ def test_a_training_job_in_flight_when_the_leader_dies_is_neither_lost_nor_doubl
             wait_until(failed_and_paged, 60, "the job's failure as an incident and a page")
             time.sleep(3.0)  # nothing more may come
             status = successor.status() or {}
+            state = _state(state_url)
+            epoch = state.leader_epoch()
+            state.close()
             assert successor.terminate() == 0, successor.tail()
         finally:
             for r in replicas:
@@ -460,7 +475,8 @@ def test_a_training_job_in_flight_when_the_leader_dies_is_neither_lost_nor_doubl
         accepted = hook.accepted()
 
     assert handover_s <= CLUSTER["cluster"]["leader_timeout_seconds"] + 2.0, handover_s
-    jobs = SqlJobStore(state_url, group_id=GROUP)
+    assert epoch == (2, successor.instance), epoch
+    jobs = SqlJobStore(state_url, group_id=_group(state_url))
     try:
         (job,) = jobs.jobs(model=model)
         assert job.state == "failed" and jobs.unreported() == [] and job.started_ms > 0, job.reason

@@ -194,3 +194,26 @@ def test_a_failed_job_is_an_incident_and_the_next_success_resolves_it(
     events = [e[2] for e in incidents.incident_events()]
     assert events == ["firing", "resolved"]
     c.jobs.close()
+
+
+def test_a_leader_that_owns_no_partition_still_sees_what_has_matured(mlflow_server: str,
+                                                                     tmp_path: Path) -> None:
+    """With several replicas the leader may own no partition: its own clock never moves,
+    and what is final is the group's to say (seen in the cluster test: every manual
+    request answered no_data while the other replica had closed an hour of windows)."""
+    state_with_matured_windows(tmp_path).close()  # replica "a" closed the windows
+    leader = StateStore(tmp_path / "state.db", group_id="g", instance="leader")
+    solo = RetrainController(config(tmp_path, mlflow_server), registry=ModelRegistry(mlflow_server),
+                             submit=lambda **kw: None)
+    clustered = RetrainController(
+        msgspec.convert({**msgspec.to_builtins(config(tmp_path, mlflow_server)),
+                         "cluster": {"enabled": True}}, Config),
+        registry=ModelRegistry(mlflow_server), submit=lambda **kw: None)
+    try:
+        assert solo._matured_upto(leader) is None  # one daemon: its own clock
+        upto = clustered._matured_upto(leader)
+        assert upto is not None and upto > T0
+    finally:
+        for c in (solo, clustered):
+            c.jobs.close()
+        leader.close()
