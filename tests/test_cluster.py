@@ -421,7 +421,7 @@ def test_a_training_job_in_flight_when_the_leader_dies_is_neither_lost_nor_doubl
             "mlflow": {"tracking_uri": mlflow_server},
             # The job: a stand-in that runs long enough to outlive its leader, then fails.
             "retrain": {"enabled": True, "entry_module": "tests.fake_jobs", "min_fresh_labels": 0,
-                        "params": {"behaviour": "report_failed", "sleep_s": 12}},
+                        "params": {"behaviour": "report_failed", "sleep_s": 8}},
             "alerts": {"sinks": [{"name": "oncall", "type": "webhook", "url": hook.url + "/hook",
                                   "secret_env": SECRET_ENV, "allow_http": True}],
                        "group_wait_seconds": 0, "poll_seconds": 0.2, "backoff_initial_seconds": 0.2},

@@ -47,7 +47,7 @@ def _join_once(bootstrap: str) -> tuple[list[int], int, bool | None, bool | None
 
 def test_a_consumer_on_topics_created_just_before_gets_them_in_its_first_rebalance(
         kafka_bootstrap: str) -> None:
-    for _ in range(3):
+    for _ in range(2):  # without the fix the first assignment is empty every time
         assigned, now, before, after = _join_once(kafka_bootstrap)
         assert assigned and assigned[0] == 8, assigned  # the first assignment has them all
         assert now == 8 and before is False and after is True
