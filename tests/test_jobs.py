@@ -19,7 +19,7 @@ from retrain.jobs import JobEvent, JobRecord, JobTracker, SqliteJobStore, SqlJob
 from retrain.launch import JobStatus, LaunchError, LocalLauncher, _group_alive, _proc_info
 from retrain.policy import PolicySpec, RetrainPolicy
 from retrain.spec import JobSpec, Trigger
-from tests.pg_fixtures import fresh_database
+from tests.pg_fixtures import fresh_database, terminate_sessions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -435,3 +435,16 @@ def test_a_file_from_before_the_gate_queue_counts_its_old_jobs_as_gated(tmp_path
                            started_ms=3))
     store.finish("new", state="succeeded", finished_ms=4, reason="", result={"model_version": "2"})
     assert [r.job_id for r in store.ungated()] == ["new"]
+
+
+@pytest.mark.mlflow  # the PostgreSQL fixture
+def test_the_store_reconnects_after_postgresql_dropped_its_connection(postgres_uri: str) -> None:
+    """A restart or failover of PostgreSQL between two retraining steps costs nothing."""
+    with fresh_database(postgres_uri) as url:
+        store = SqlJobStore(url, group_id="g")
+        store.insert(JobRecord(job_id="a", model="ctr", state="running", spec=make_spec("a"),
+                               handle=None, started_ms=1))
+        terminate_sessions(url, application_name="driftloop-jobs")
+        assert [r.job_id for r in store.active()] == ["a"]  # a fresh connection
+        store.mark_reported(["a"])  # a transaction on it too
+        store.close()
