@@ -126,10 +126,10 @@ class Daemon:
         self._exit_code = 0
         self._leadership_thread = threading.Thread(target=self._leadership, name="leadership",
                                                    daemon=True)
-        self.promotion = _promotion(config, self._submit_evidence) if self.analysis else None
+        self.promotion = _promotion(config, self._submit_evidence, self.metrics) if self.analysis else None
         if self.promotion is not None and self.analysis is not None:
             self.analysis.label_listeners.append(self.promotion.on_labels)
-        self.retraining = _retraining(config, self._submit_evidence) if self.analysis else None
+        self.retraining = _retraining(config, self._submit_evidence, self.metrics) if self.analysis else None
         self._analysis_thread = threading.Thread(target=self._analyse, name="analysis", daemon=True)
         self._consumer: Any = None
         self._pending_seeks: dict[tuple[str, int], int] = {}
@@ -647,22 +647,22 @@ def _registry(config: Config) -> Any:
                          max_retries=config.mlflow.max_retries)
 
 
-def _retraining(config: Config, submit: Callable[..., None]) -> RetrainController | None:
+def _retraining(config: Config, submit: Callable[..., None], metrics: Metrics) -> RetrainController | None:
     """Retraining runs where the analysis runs, when enabled (docs/retraining.md)."""
     if not config.retrain.enabled:
         return None
     try:
-        return RetrainController(config, registry=_registry(config), submit=submit)
+        return RetrainController(config, registry=_registry(config), submit=submit, metrics=metrics)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def _promotion(config: Config, submit: Callable[..., None]) -> PromotionController | None:
+def _promotion(config: Config, submit: Callable[..., None], metrics: Metrics) -> PromotionController | None:
     """Promotion runs where the analysis runs, with a registry (docs/promotion.md)."""
     if not (config.promotion.enabled and config.mlflow.tracking_uri):
         return None
     try:
-        return PromotionController(config, registry=_registry(config), submit=submit)
+        return PromotionController(config, registry=_registry(config), submit=submit, metrics=metrics)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

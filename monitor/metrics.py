@@ -60,7 +60,8 @@ class Metrics:
             "driftloop_rebalances_total", "Partition revocations handled.", registry=r)
         self.reconnects = Counter(
             "driftloop_kafka_reconnects_total",
-            "Consumers rebuilt after the broker or coordinator was unreachable.", registry=r)
+            "Consumers rebuilt: the broker or coordinator unreachable, or a group join stuck.",
+            registry=r)
         self.poll_errors = Counter(
             "driftloop_poll_errors_total", "Errors raised by the Kafka client while polling.",
             registry=r)
@@ -97,6 +98,24 @@ class Metrics:
         self.leader = Gauge(
             "driftloop_leader", "1 while this replica is its group's leader (decides, alerts, "
             "launches and promotes), else 0.", registry=r)
+        self.retrain_decisions = Counter(
+            "driftloop_retrain_decisions_total",
+            "Retraining policy decisions by code (launched, cooldown, running, no_data, ...).",
+            ["model", "code"], registry=r)
+        self.retrain_jobs_finished = Counter(
+            "driftloop_retrain_jobs_finished_total",
+            "Training jobs that ended, by final state (succeeded, failed, timed_out, lost).",
+            ["model", "state"], registry=r)
+        self.retrain_jobs_running = Gauge(
+            "driftloop_retrain_jobs_running", "Training jobs pending or running now.", registry=r)
+        self.gate_decisions = Counter(
+            "driftloop_gate_decisions_total",
+            "Promotion gate decisions on challengers, by outcome and code.",
+            ["model", "outcome", "code"], registry=r)
+        self.alias_moves = Counter(
+            "driftloop_alias_moves_total",
+            "Champion moves made by this daemon: promotions (gate, canary) and rollbacks.",
+            ["model", "action"], registry=r)
         self.leader_changes = Counter(
             "driftloop_leader_changes_total", "Times this replica became or stopped being leader.",
             ["to"], registry=r)

@@ -49,6 +49,7 @@ from monitor.config import Config
 from monitor.incidents import Severity, Signal
 from monitor.labels import LabelSummary
 from monitor.live import CanaryTest, PromotionWatch
+from monitor.metrics import Metrics
 from monitor.retraining import job_store_location
 from retrain.evaluate import REPORT_PATH, EvaluationReport
 from retrain.jobs import SqlJobStore
@@ -111,15 +112,17 @@ class PromotionController:
         submit: hands signals and resolutions to the analysis stage (the one writer
             of incidents).
         clock: seconds since the epoch.
+        metrics: where gate decisions and alias moves are counted (the daemon's).
     """
 
     def __init__(self, config: Config, *, registry: ModelRegistry, submit: Callable[..., None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
         pc = config.promotion
         self.config = config
         self.registry = registry
         self.submit = submit
         self.clock = clock
+        self.metrics = metrics
         self.gate = Gate(pc.spec())
         self.promoter, self.history = build_promoter(config, registry, owner=f"daemon:{config.instance}")
         self._obs: queue.Queue[tuple[str, str, int, np.ndarray]] = queue.Queue(maxsize=10_000)
@@ -295,6 +298,8 @@ class PromotionController:
                       extra={"fields": {"model": model, "version": version, "error": str(exc)}})
             return
         d = outcome.decision
+        if self.metrics is not None:
+            self.metrics.gate_decisions.labels(model, "promote" if d.promote else "keep", d.code).inc()
         log.info(f"gate: {d.reason}", extra={"fields": {
             "model": model, "version": version, "promote": d.promote, "code": d.code}})
         if outcome.promoted:
@@ -302,6 +307,8 @@ class PromotionController:
 
     def _promoted(self, model: str, version: str, previous: str | None, *, why: str, by: str) -> None:
         """Start the watch, notify, and remember the champion we now expect."""
+        if self.metrics is not None and by in ("gate", "canary"):
+            self.metrics.alias_moves.labels(model, f"promote:{by}").inc()
         self._champions[model] = version
         self._canaries.pop(model, None)
         now_ms = int(self.clock() * 1000)
@@ -350,6 +357,8 @@ class PromotionController:
             self._watches[model] = w  # try again with the next window
             return True
         self._champions[model] = w["previous"]
+        if self.metrics is not None:
+            self.metrics.alias_moves.labels(model, "rollback").inc()
         self.submit(signals=[Signal(
             "model_rollback", model, "champion", True, w["since_ms"], now_ms, Severity.CRITICAL,
             summary=f"{model} v{w['version']} rolled back to v{w['previous']}: {why}",

@@ -38,6 +38,7 @@ from connectors.summaries import SummaryStore
 from monitor.config import Config
 from monitor.incidents import Incident, Severity, Signal
 from monitor.join import JoinSpec, matured_upto
+from monitor.metrics import Metrics
 from retrain.jobs import JobEvent, JobTracker, SqlJobStore
 from retrain.launch import KubernetesLauncher, Launcher, LocalLauncher, TorchrunLauncher
 from retrain.policy import Decision, PolicySpec, RetrainPolicy
@@ -109,16 +110,18 @@ class RetrainController:
             reported when its ``on_committed`` is called.
         launcher: how jobs run; built from the config when omitted.
         clock: seconds since the epoch.
+        metrics: where decisions and finished jobs are counted (the daemon's).
     """
 
     def __init__(self, config: Config, *, registry: ModelRegistry,
                  submit: Callable[..., None], launcher: Launcher | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
         rc = config.retrain
         self.config = config
         self.registry = registry
         self.submit = submit
         self.clock = clock
+        self.metrics = metrics
         self.policy = RetrainPolicy(PolicySpec(
             incident_kinds=frozenset(rc.incident_kinds), min_severity=rc.min_severity,
             cooldown_ms=int(rc.cooldown_seconds * 1000), min_fresh_labels=rc.min_fresh_labels,
@@ -235,6 +238,8 @@ class RetrainController:
             decisions.append(self._decide(state, trigger, None))
         for event in self.tracker.poll():
             self._finished(event)
+        if self.metrics is not None:
+            self.metrics.retrain_jobs_running.set(len(self.jobs.active()))
         done = []
         while True:
             try:
@@ -323,6 +328,8 @@ class RetrainController:
                 record = self.tracker.start(spec)
                 job_id = record.job_id
         self.jobs.record_decision(decision, job_id=job_id)
+        if self.metrics is not None:
+            self.metrics.retrain_decisions.labels(trigger.model, decision.code).inc()
         level = logging.INFO if decision.launch else logging.WARNING if decision.code == "registry" \
             else logging.INFO
         log.log(level, f"retrain decision: {decision.reason}", extra={"fields": {
@@ -349,6 +356,8 @@ class RetrainController:
     # -- results -----------------------------------------------------------------------
 
     def _finished(self, event: JobEvent) -> None:
+        if self.metrics is not None:
+            self.metrics.retrain_jobs_finished.labels(event.model, event.state).inc()
         fingerprint = f"{FAILED_KIND}/{event.model}/training"
         end = event.finished_ms or int(self.clock() * 1000)
         result = dict(event.result or {})

@@ -20,6 +20,7 @@ from connectors.registry import ModelRegistry
 from connectors.state import StateStore
 from monitor.config import Config
 from monitor.labels import LabelSummary
+from monitor.metrics import Metrics
 from monitor.promotion import PromotionController, build_promoter
 from monitor.retraining import job_store_location
 from retrain.jobs import JobRecord, SqlJobStore
@@ -44,7 +45,7 @@ class Clock:
         return self.t
 
 
-def make(tmp: Path, uri: str, retrain: dict[str, Any] | None = None,
+def make(tmp: Path, uri: str, retrain: dict[str, Any] | None = None, metrics: Metrics | None = None,
          **promotion: Any) -> tuple[PromotionController, list[dict[str, Any]], StateStore, Clock]:
     config = msgspec.convert({"storage": {"data_dir": str(tmp)}, "mlflow": {"tracking_uri": uri},
                               "retrain": retrain or {},
@@ -53,7 +54,7 @@ def make(tmp: Path, uri: str, retrain: dict[str, Any] | None = None,
     submitted: list[dict[str, Any]] = []
     clock = Clock()
     c = PromotionController(config, registry=ModelRegistry(uri), submit=lambda **kw: submitted.append(kw),
-                            clock=clock)
+                            clock=clock, metrics=metrics)
     state = StateStore(tmp / "state.db", group_id="driftloop", instance="a")
     return c, submitted, state, clock
 
@@ -80,7 +81,8 @@ def test_a_better_challenger_is_promoted_then_a_live_regression_rolls_it_back(
     challenger = versions.register(CLEARLY_BETTER)
     versions.report(challenger, champion)
 
-    c, submitted, state, _ = make(tmp_path, mlflow_server)
+    metrics = Metrics()
+    c, submitted, state, _ = make(tmp_path, mlflow_server, metrics=metrics)
     feed(c, model, champion, 0.05, 50_000, seed=1)  # the champion's live rate: the baseline
     c.job_succeeded(model, challenger, "job-1")
     c.step(state)
@@ -101,6 +103,11 @@ def test_a_better_challenger_is_promoted_then_a_live_regression_rolls_it_back(
     assert (CHAMPION, challenger, champion, "rollback") in moves
     assert (CHAMPION, champion, challenger, "promote") in moves
     assert model not in c.status()["watches"]
+    counted = {(s.labels["action"], s.value) for m in metrics.alias_moves.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels["model"] == model}
+    assert counted == {("promote:gate", 1.0), ("rollback", 1.0)}
+    assert metrics.registry.get_sample_value("driftloop_gate_decisions_total", {
+        "model": model, "outcome": "promote", "code": "promote"}) == 1
 
     # What the controller expects survives a restart: a new one on the same state knows
     # the restored champion (and would resume a watch in progress).

@@ -57,13 +57,14 @@ def incident(model: str, subject: str, at: int, kind: str = "performance_drop") 
 
 
 def controller(tmp: Path, uri: str, behaviour: str = "succeed", sleep_s: float = 0.3,
+               metrics: Metrics | None = None,
                **retrain: Any) -> tuple[RetrainController, list[dict[str, Any]]]:
     submitted: list[dict[str, Any]] = []
     c = RetrainController(
         config(tmp, uri, params={"behaviour": behaviour, "sleep_s": sleep_s}, **retrain),
         registry=ModelRegistry(uri),
         submit=lambda **kw: submitted.append(kw),
-        launcher=LocalLauncher(module="tests.fake_jobs", cwd=REPO))
+        launcher=LocalLauncher(module="tests.fake_jobs", cwd=REPO), metrics=metrics)
     return c, submitted
 
 
@@ -80,12 +81,20 @@ def test_repeated_incidents_start_one_job_and_every_decision_has_its_reason(
         mlflow_server: str, tmp_path: Path) -> None:
     model = unique_model_name("ctr")
     state = state_with_matured_windows(tmp_path)
-    c, _ = controller(tmp_path, mlflow_server)
+    metrics = Metrics()
+    c, _ = controller(tmp_path, mlflow_server, metrics=metrics)
     book = IncidentBook()
     end = T0 + 120 * MIN
     commit(state, book, [incident(model, f"rate:click{i}", end) for i in range(5)])
     decisions = c.step(state)
     assert [d.code for d in decisions] == ["launched", "running", "running", "running", "running"]
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"model": model, **labels})
+
+    assert sample("driftloop_retrain_decisions_total", code="running") == 4
+    assert sample("driftloop_retrain_decisions_total", code="launched") == 1
+    assert metrics.registry.get_sample_value("driftloop_retrain_jobs_running") == 1
     assert "running" in decisions[1].reason
     (job,) = c.jobs.jobs(model=model)
     # The job reads the newest stretch whose labels are final (the feedback windows are
@@ -94,6 +103,8 @@ def test_repeated_incidents_start_one_job_and_every_decision_has_its_reason(
     assert job.spec.trigger.incident_kind == "performance_drop"
     wait_for_events(c, state)
     assert c.jobs.get(job.job_id).state == "succeeded"  # type: ignore[union-attr]
+    assert sample("driftloop_retrain_jobs_finished_total", state="succeeded") == 1
+    assert metrics.registry.get_sample_value("driftloop_retrain_jobs_running") == 0
 
     # More incidents after it finished: the cooldown holds them off.
     commit(state, book, [incident(model, "calibration", end + MIN)])
