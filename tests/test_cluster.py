@@ -492,3 +492,37 @@ def test_a_training_job_in_flight_when_the_leader_dies_is_neither_lost_nor_doubl
     assert [e[2] for e in events if e[1] == failed[0].id] == ["firing"]
     pages = {q.headers["webhook-id"] for q in accepted if b"training_failed" in q.body}
     assert len(pages) == 1, pages
+
+
+def test_a_leader_whose_epoch_is_over_stops_before_committing_another_decision(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    """What a leader paused past its lock's timeout meets when it wakes: a successor has
+    taken the next epoch (taken here by the test, the lock left to the old leader so that
+    only the fence can stop it). Its next decision is refused whole, it exits 3, and the
+    pointers stay where the epoch's end left them."""
+    topics = _topics(kafka_bootstrap)
+    preds, fbs = drifting_world(20 * SEC, 500, (10 * SEC, 15 * SEC), seed=4)
+    half = len(preds) // 2
+    group = f"fence-{uuid.uuid4().hex[:8]}"
+    daemon = DaemonProcess(tmp_path / "r0", kafka_bootstrap, topics, instance="r0", group=group,
+                           overrides={**MONITOR, **CLUSTER})
+    db = tmp_path / "r0" / "state.db"
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        _produce(kafka_bootstrap, topics, preds[:half], [f for f in fbs if f[0] < preds[half][0]])
+        wait_until(lambda: _leaders([daemon]), 30, "the leader")
+        state = open_state_store(db, group_id=group, instance="successor")
+        wait_until(lambda: state.monitor_value("drift_upto") is not None, 60, "a first decision")
+        assert state.leader_epoch() == (1, "r0")
+        assert state.take_leadership("successor") == 2
+        frozen = state.monitor_value("drift_upto")
+        _produce(kafka_bootstrap, topics, preds[half:], [f for f in fbs if f[0] >= preds[half][0]])
+        assert daemon.proc is not None
+        code = daemon.proc.wait(timeout=60)
+        assert code == 3, daemon.tail()
+        assert state.monitor_value("drift_upto") == frozen  # nothing of epoch 1 after epoch 2
+        assert "a newer leader has started" in daemon.log_path.read_text()
+        state.close()
+    finally:
+        daemon.stop_quietly()
