@@ -16,14 +16,12 @@ harmless: the first copy is kept (``ON CONFLICT DO NOTHING``).
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from connectors.state import open_sqlite
+from connectors.sql import SqlDb
 
 __all__ = ["GroupView", "SummaryStore"]
 
@@ -89,47 +87,17 @@ class SummaryStore:
 
     def __init__(self, location: str | Path, *, group_id: str) -> None:
         self.group_id = group_id
-        loc = str(location)
-        self._pg = loc.startswith(("postgresql://", "postgres://", "postgresql+"))
-        self._mutex = threading.Lock()
-        if self._pg:
-            import psycopg
-
-            self._dsn = "postgresql://" + loc.split("://", 1)[1]
-            self._conn: Any = psycopg.connect(self._dsn, autocommit=True,
-                                              application_name="driftloop-summaries")
-            with self._conn.transaction():
-                self._conn.execute("SELECT pg_advisory_xact_lock(7321900412)")
-                self._conn.execute(_SCHEMA)
-        else:
-            self._conn = open_sqlite(Path(loc), _SCHEMA)
+        self._db = SqlDb(location, sqlite_schema=_SCHEMA, postgres_schema=_SCHEMA,
+                         name="driftloop-summaries")
 
     def close(self) -> None:
-        self._conn.close()
+        self._db.close()
 
     def _rows(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        with self._mutex:
-            if self._pg:
-                return list(self._conn.execute(sql.replace("?", "%s"), args).fetchall())
-            return list(self._conn.execute(sql, args).fetchall())
+        return self._db.rows(sql, args)
 
     def _write(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
-        rows = list(rows)
-        if not rows:
-            return
-        with self._mutex:
-            if self._pg:
-                with self._conn.transaction(), self._conn.cursor() as cur:
-                    cur.executemany(sql.replace("?", "%s"), rows)
-                return
-            db: sqlite3.Connection = self._conn
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(sql, rows)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        self._db.executemany(sql, rows)
 
     # -- summaries -------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.registry import ModelRegistry, RegistryError
-from connectors.state import FencedOut, MonitorCommit, StateStore, is_postgres_url
+from connectors.state import FencedOut, MonitorCommit, StateStore
 from connectors.summaries import SummaryStore
 from monitor.config import Config
 from monitor.incidents import Incident, Severity, Signal
@@ -74,9 +74,8 @@ def job_store_location(config: Config) -> str | Path:
     """Where the jobs are kept: the cluster's PostgreSQL database when the state store is
     one (the next leader must see every job the last one started), else a SQLite file
     beside the job directories."""
-    url = config.storage.state_url
-    if url and is_postgres_url(url):
-        return url
+    if config.storage.state_url:  # always PostgreSQL (monitor/config.py checks it)
+        return config.storage.state_url
     rc = config.retrain
     return (Path(rc.workdir) if rc.workdir else Path(config.storage.data_dir) / "jobs") / "jobs.db"
 
@@ -84,8 +83,7 @@ def job_store_location(config: Config) -> str | Path:
 def schedule_table(config: Config) -> str:
     """The schedule's table: one per consumer group on a shared PostgreSQL database (two
     deployments there must not run each other's crons), the old name in a file."""
-    url = config.storage.state_url
-    if not (url and is_postgres_url(url)):
+    if not config.storage.state_url:
         return "driftloop_schedule"
     group = config.kafka.group_id
     digest = hashlib.sha256(group.encode()).hexdigest()[:8]
@@ -96,7 +94,7 @@ def schedule_store_url(config: Config, workdir: Path) -> str:
     """The APScheduler job store's SQLAlchemy URL: shared with the state store on
     PostgreSQL (a new leader knows what the last one already ran), a file otherwise."""
     url = config.storage.state_url
-    if url and is_postgres_url(url):
+    if url:
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return f"sqlite:///{(workdir / 'schedule.sqlite').resolve()}"
 
