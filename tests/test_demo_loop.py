@@ -71,9 +71,16 @@ def test_drift_is_detected_alerted_retrained_promoted_and_served(
     from monitor.demo import ctr_figures, timeline
 
     ctr = ctr_figures(result)
+    print("CTR figures:", ctr)
     assert ctr["pre_drift"] and ctr["drifted"] and ctr["recovered"], ctr
     assert ctr["drifted"] < 0.8 * ctr["pre_drift"], ctr
-    assert ctr["recovered"] > ctr["drifted"] * 1.15, ctr
+    # The margin is held on the expected CTRs (the true click probability of what was
+    # shown): the realised ones carry a Bernoulli spread of ~0.007 each over these few
+    # thousand impressions, and a clean-clone CI run once measured 1.145 against an
+    # expected 1.32. The realised clicks must still go the same way: the expected gap is
+    # about four of its standard deviations.
+    assert ctr["recovered_expected"] > ctr["drifted_expected"] * 1.15, ctr
+    assert ctr["recovered"] > ctr["drifted"], ctr
     names = [m.name for m in timeline(result) if m.at_ms is not None]
     assert "false alarm before onset" not in names, names
     assert result.daemon_exit == 0, "the daemon did not stop cleanly on SIGTERM"
