@@ -207,6 +207,8 @@ class Analysis:
         self._versions: dict[str, _Version] = {}
         self.last_error: str | None = None
         self._stall_checked_upto = -1
+        #: A step failed: what deciding holds in memory may be ahead of the store.
+        self._stale = False
         self._submitted: list[tuple[list[Signal], list[tuple[str, int, dict[str, Any]]],
                                     Callable[[], None] | None]] = []
         self._submit_lock = threading.Lock()
@@ -254,13 +256,26 @@ class Analysis:
     def become_leader(self) -> None:
         """Take over deciding: the previous leader changed incidents and detector states
         since this replica last looked, so they are read afresh from the state store."""
+        self._reload_decisions()
+        self.leader = True
+
+    def _reload_decisions(self) -> None:
+        """Drop what deciding holds in memory (the incident book, detector states,
+        references) and read it from the state store again.
+
+        Deciding changes these before its commit, so a step that fails part-way leaves
+        them ahead of the store. Retrying the window on top of them would apply it twice:
+        an incident opened by the failed step is already open, and the retry writes no
+        ``firing`` transition, so nobody is paged; a CUSUM would count the window's labels
+        twice. The store holds exactly what was committed."""
         open_incidents = [Incident.from_json(r.body) for r in self.state.incidents(status="firing",
                                                                                    limit=10_000)]
         self.book = IncidentBook(self.spec.resolve_after, open_incidents)
         self._versions.clear()
         self._refs.clear()
+        self._refs_missed.clear()
         self._stall_checked_upto = -1
-        self.leader = True
+        self._stale = False
         self._refresh_incident_gauge()
 
     def step(self, budget_s: float = 5.0) -> int:
@@ -270,13 +285,20 @@ class Analysis:
         next call continues where this one stopped.
         """
         deadline = time.monotonic() + budget_s
-        if self.leader:
-            self._commit_submitted()
-        pred_view = self.summaries.view(self.pred_topic)
-        fb_view = self.summaries.view(self.feedback_topic)
-        done = self._summarise(pred_view, fb_view, deadline)
-        if self.leader and time.monotonic() <= deadline:
-            done += self._decide(pred_view, fb_view, deadline)
+        if self.leader and self._stale:
+            self._reload_decisions()
+        try:
+            if self.leader:
+                self._commit_submitted()
+            pred_view = self.summaries.view(self.pred_topic)
+            fb_view = self.summaries.view(self.feedback_topic)
+            done = self._summarise(pred_view, fb_view, deadline)
+            if self.leader and time.monotonic() <= deadline:
+                done += self._decide(pred_view, fb_view, deadline)
+        except BaseException:
+            # Whatever failed, deciding may have changed its state without committing it.
+            self._stale = True
+            raise
         return done
 
     # -- summarising: every replica, over the windows it stored --------------------------

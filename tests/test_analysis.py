@@ -59,8 +59,21 @@ def _start(tmp: Path) -> Run:
     return Run(tmp, ing, _analysis(tmp), clock)
 
 
-def _analysis(tmp: Path) -> Analysis:
-    return Analysis(SPEC, StateStore(tmp / "state.db", group_id="g", instance="a"), P, F, None, Metrics())
+def _analysis(tmp: Path, store: type[StateStore] = StateStore) -> Analysis:
+    return Analysis(SPEC, store(tmp / "state.db", group_id="g", instance="a"), P, F, None, Metrics())
+
+
+class FailingCommits(StateStore):
+    """A state store whose every third analysis commit fails, as a full disk or a
+    dropped database connection would: nothing of that commit is written."""
+
+    calls = 0
+
+    def commit_monitor(self, step):  # type: ignore[no-untyped-def]
+        FailingCommits.calls += 1
+        if FailingCommits.calls % 3 == 0:
+            raise OSError("disk full (injected)")
+        super().commit_monitor(step)
 
 
 def _drain(a: Analysis) -> None:
@@ -69,6 +82,9 @@ def _drain(a: Analysis) -> None:
             if not a.step():
                 return
         except NotYet:  # pragma: no cover - files are published synchronously here
+            continue
+        except OSError as exc:  # the daemon logs "analysis step failed; retrying"
+            assert "injected" in str(exc)
             continue
 
 
@@ -178,6 +194,28 @@ def test_restarts_of_the_analysis_give_the_same_incidents(world, finished: Run, 
     once = [(i.id, i.status, i.opened_ms, i.resolved_ms, i.firing_evaluations)
             for i in _incidents(finished.analysis.state)]
     assert again == once
+
+
+def test_failed_commits_lose_no_transition_and_count_no_window_twice(world, finished: Run,
+                                                                     tmp_path: Path) -> None:
+    """Every third commit fails after deciding changed the incident book and the
+    detectors in memory; the step is retried, as the daemon does. The incidents and
+    their log must be those of the run without failures: a book left ahead of the store
+    would open the retried incident silently (no ``firing`` in the log, no page), and a
+    CUSUM left ahead would count a window's labels twice."""
+    FailingCommits.calls = 0
+    run = _start(tmp_path)
+    run.analysis = _analysis(tmp_path, FailingCommits)
+    _feed(run, *world)
+    assert FailingCommits.calls > 100, FailingCommits.calls
+
+    def record(state: StateStore) -> tuple[list[tuple[object, ...]], list[tuple[str, str]]]:
+        incs = [(i.id, i.status, i.opened_ms, i.resolved_ms, i.firing_evaluations,
+                 i.clean_evaluations, i.severity) for i in _incidents(state)]
+        log = sorted((e[1], e[2]) for e in state.incident_events(limit=10_000))
+        return incs, log
+
+    assert record(run.analysis.state) == record(finished.analysis.state)
 
 
 def test_a_stored_reference_is_used_instead_of_bootstrapping(world, tmp_path: Path) -> None:
