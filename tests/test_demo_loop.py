@@ -71,7 +71,6 @@ def test_drift_is_detected_alerted_retrained_promoted_and_served(
     from monitor.demo import ctr_figures, timeline
 
     ctr = ctr_figures(result)
-    print("CTR figures:", ctr)
     assert ctr["pre_drift"] and ctr["drifted"] and ctr["recovered"], ctr
     assert ctr["drifted"] < 0.8 * ctr["pre_drift"], ctr
     # The margin is held on the expected CTRs (the true click probability of what was
