@@ -9,6 +9,10 @@ only appends, and every check that can be vectorised done on the finished column
 
 A bad message never raises out of here: it becomes a `DecodeFailure` carrying a
 reason code from `Reason`, which the daemon sends to the dead-letter topic and counts.
+That holds for hostile input too (docs/delivery.md): nesting is bounded before any
+recursive step looks at a message, numbers too large for the columns are rejected by
+type, and should anything still raise, the batch is decoded again one record at a
+time so that only the record that raised is rejected, as an ``internal_error``.
 The JSON Schema published in docs/schemas/ mirrors the Structs below; a test keeps
 them in step.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import operator
+import re
 from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
 
@@ -64,15 +69,32 @@ class Reason(enum.StrEnum):
     TS_OUT_OF_RANGE = "ts_out_of_range"
     OVERSIZED = "oversized"
     EMPTY = "empty"
+    TOO_DEEP = "too_deep"  # nested deeper than MAX_DEPTH
+    #: Decoding or windowing raised on this record: a driftloop bug, never the
+    #: producer's. The detail names the exception type only (its message may quote
+    #: payload bytes).
+    INTERNAL_ERROR = "internal_error"
     LATE = "late"  # assigned by the windowing layer, not by decoding
+    #: The record was rejected for another reason, but its copy does not fit the
+    #: dead-letter topic: a reference to it (where it is, its size, its first KiB)
+    #: went there instead (connectors/kafka.py).
+    TOO_LARGE_FOR_DEAD_LETTER = "too_large_for_dead_letter"
+
+
+#: Deepest nesting of arrays and objects a message may have. The contract's deepest
+#: field is a feature value inside ``features`` (depth 2); the bound is generous, and it
+#: keeps every recursive decoder far from the interpreter's recursion limit.
+MAX_DEPTH = 32
 
 
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+#: Integers the int64 columns can hold; a larger literal is a schema violation, not a crash.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Score = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 AwareDatetime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
 # Epoch milliseconds (int, or float from producers that only have doubles) or RFC 3339
 # with an explicit offset: a naive time is ambiguous, so it is rejected, not guessed.
-Timestamp = int | float | AwareDatetime
+Timestamp = Int64 | float | AwareDatetime
 FeatureValue = int | float | str | bool | None
 
 
@@ -92,7 +114,7 @@ class Prediction(msgspec.Struct, frozen=True, gc=False):
     item_id: str | int
     score: Score
     features: dict[str, FeatureValue]
-    rank: int | None = None
+    rank: Int64 | None = None
     request_id: str | None = None
 
 
@@ -145,12 +167,46 @@ def decode_batch(
 ) -> DecodedBatch:
     """Decode a batch of raw Kafka values of one event kind into columns.
 
+    Never raises on any input: a record that makes decoding raise (a bug, since every
+    reason a producer can cause has its code) is found by decoding the batch again one
+    record at a time, and only it is rejected, as ``internal_error``.
+
     Args:
         kind: which contract the topic carries.
         values: raw message values, in offset order.
         max_bytes: messages longer than this are rejected before parsing, so one huge
             message cannot stall the consumer or blow its memory.
     """
+    try:
+        return _decode_batch(kind, values, max_bytes)
+    except Exception:
+        return _decode_isolated(kind, values, max_bytes)
+
+
+def _decode_isolated(kind: EventKind, values: Sequence[bytes | None], max_bytes: int) -> DecodedBatch:
+    """The batch without the records that make decoding raise (the slow way, bugs only)."""
+    poison: dict[int, str] = {}
+    for i, value in enumerate(values):
+        try:
+            _decode_batch(kind, [value], max_bytes)
+        except Exception as exc:
+            poison[i] = type(exc).__name__
+    keep = [i for i in range(len(values)) if i not in poison]
+    try:
+        good = _decode_batch(kind, [values[i] for i in keep], max_bytes)
+    except Exception as exc:  # records fine alone but not together: reject them all
+        poison.update(dict.fromkeys(keep, type(exc).__name__))
+        keep = []
+        good = _decode_batch(kind, [], max_bytes)
+    index = np.asarray(keep, dtype=np.int64)[good.index] if keep else good.index
+    failures = [DecodeFailure(keep[f.index], f.reason, f.detail) for f in good.failures]
+    failures += [DecodeFailure(i, Reason.INTERNAL_ERROR, f"{name} while decoding (a driftloop bug)")
+                 for i, name in poison.items()]
+    failures.sort(key=lambda f: f.index)
+    return DecodedBatch(table=good.table, ts_ms=good.ts_ms, index=index, failures=failures)
+
+
+def _decode_batch(kind: EventKind, values: Sequence[bytes | None], max_bytes: int) -> DecodedBatch:
     decode = _DECODERS[kind].decode
     failures: list[DecodeFailure] = []
     events: list[Prediction] | list[Feedback]
@@ -169,13 +225,17 @@ def decode_batch(
                 try:
                     events = [fast[0](v) for v in values]  # type: ignore[arg-type]
                     feature_names = fast[1]
-                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError,
+                        RecursionError):
                     pass
             if feature_names is None:
                 events = [decode(v) for v in values]  # type: ignore[arg-type]
         else:
             raise _SlowPath
-    except (_SlowPath, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+    except (_SlowPath, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError,
+            RecursionError):
+        # RecursionError: msgspec's own guard on a deeply nested message (it skips
+        # unknown fields recursively); the careful loop bounds depth before decoding.
         events, index, failures = _decode_carefully(kind, values, max_bytes)
 
     ts_ms = _ts_to_ms(events)
@@ -191,7 +251,8 @@ def decode_batch(
     if bad.any():
         for row in np.flatnonzero(bad):
             if bad_ts[row]:
-                detail = f"ts {int(ts_ms[row])} ms is outside [{MIN_TS_MS}, {MAX_TS_MS})"
+                shown = "beyond int64" if ts_ms[row] == _TS_UNREPRESENTABLE else f"{int(ts_ms[row])} ms"
+                detail = f"ts {shown} is outside [{MIN_TS_MS}, {MAX_TS_MS}) ms"
                 failures.append(DecodeFailure(int(idx[row]), Reason.TS_OUT_OF_RANGE, detail))
             else:
                 detail = "a number is NaN or infinite"
@@ -229,7 +290,7 @@ def _feature_decoder(
         return None
     try:
         first = decode(values[0])
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
         return None
     keys = frozenset(first.features)
     cached = _FEATURE_DECODERS.get(keys)
@@ -269,6 +330,9 @@ def _decode_carefully(
         elif len(value) > max_bytes:
             detail = f"message is {len(value)} bytes, limit is {max_bytes}"
             failures.append(DecodeFailure(i, Reason.OVERSIZED, detail))
+        elif too_deep(value, MAX_DEPTH):
+            detail = f"arrays and objects nested deeper than {MAX_DEPTH} levels"
+            failures.append(DecodeFailure(i, Reason.TOO_DEEP, detail))
         else:
             try:
                 events.append(decode(value))  # type: ignore[arg-type]
@@ -298,6 +362,8 @@ def _classify(kind: EventKind, i: int, value: bytes, exc: Exception) -> DecodeFa
         expected = _SCHEMA_TAG[kind]
         detail = f"schema {tag!r} is not {expected!r}: {msg}"
         return DecodeFailure(i, Reason.UNKNOWN_SCHEMA, detail)
+    if "`$.ts`" in msg and ("<=" in msg or ">=" in msg):
+        return DecodeFailure(i, Reason.TS_OUT_OF_RANGE, msg)
     if "Number out of range" in msg:
         return DecodeFailure(i, Reason.NON_FINITE, msg)
     if "`$.score`" in msg and ("<=" in msg or ">=" in msg):
@@ -305,16 +371,42 @@ def _classify(kind: EventKind, i: int, value: bytes, exc: Exception) -> DecodeFa
     return DecodeFailure(i, Reason.SCHEMA_VIOLATION, msg)
 
 
+#: Stands for an event time that fits no int64 (a float such as 1e300): far outside
+#: [MIN_TS_MS, MAX_TS_MS), so the vectorised range check rejects it with the others.
+_TS_UNREPRESENTABLE = -(2**62)
+
+
 def _ts_to_ms(events: Sequence[Prediction | Feedback]) -> np.ndarray:
     ts = [e.ts for e in events]
     try:
         return np.array(ts, dtype=np.int64)
-    except TypeError:
-        pass  # RFC 3339 strings decoded to datetimes somewhere in the batch
+    except (TypeError, OverflowError):
+        pass  # datetimes somewhere in the batch, or a float beyond int64
     out = np.empty(len(ts), dtype=np.int64)
     for j, t in enumerate(ts):
-        out[j] = int(t.timestamp() * 1000) if isinstance(t, dt.datetime) else int(t)
+        ms = t.timestamp() * 1000 if isinstance(t, dt.datetime) else t
+        out[j] = int(ms) if -(2**62) < ms < 2**62 else _TS_UNREPRESENTABLE
     return out
+
+
+def too_deep(value: bytes, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than ``limit`` in a JSON text, counted
+    without recursion (brackets inside strings do not count).
+
+    The careful decoding path asks before any recursive decoder sees a message. It
+    reads malformed JSON too (its count is then approximate, which is enough for a
+    bound: the decoder rejects such a message anyway).
+    """
+    if value.count(b"[") + value.count(b"{") <= limit:
+        return False  # the common case: two scans in C
+    codes = np.frombuffer(_STRINGS.sub(b"", value), dtype=np.uint8)
+    steps = np.isin(codes, _OPENERS).astype(np.int64) - np.isin(codes, _CLOSERS).astype(np.int64)
+    return int(np.cumsum(steps).max(initial=0)) > limit
+
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPENERS = np.frombuffer(b"[{", dtype=np.uint8)
+_CLOSERS = np.frombuffer(b"]}", dtype=np.uint8)
 
 
 def _ids(values: list[str | int]) -> pa.Array:
@@ -350,9 +442,10 @@ def _prediction_table(
         try:
             feature_cols = [(name, pa.array(col))
                             for name, col in zip(feature_names, columns_of, strict=True)]
-        except (pa.ArrowTypeError, pa.ArrowInvalid):
-            # A column mixing types: pyarrow's struct inference over dicts (the generic
-            # path) may still type it, so give it exactly the dicts it would have seen.
+        except (pa.ArrowTypeError, pa.ArrowInvalid, OverflowError):
+            # A column mixing types (or an integer beyond int64): pyarrow's struct
+            # inference over dicts (the generic path) may still type it, so give it
+            # exactly the dicts it would have seen.
             rows = [dict(zip(feature_names, vals, strict=True))
                     for vals in zip(*columns_of, strict=True)]
             feature_cols = _feature_columns(rows)
@@ -375,7 +468,7 @@ def _feature_columns(feats: list[dict[str, FeatureValue]]) -> list[tuple[str, pa
         arr = pa.array(feats)
         if pa.types.is_struct(arr.type):
             return sorted((f.name, arr.field(i)) for i, f in enumerate(arr.type))
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
+    except (pa.ArrowTypeError, pa.ArrowInvalid, OverflowError):
         pass
     names: set[str] = set()
     for f in feats:
@@ -394,7 +487,7 @@ def _typed_feature(values: pa.Array | list[FeatureValue]) -> tuple[pa.Array, np.
         arr = values
     else:
         try:
-            arr = pa.array(values)
+            arr = pa.array(_int64_or_float(values))
         except (pa.ArrowTypeError, pa.ArrowInvalid):
             return pa.array([_as_category(v) for v in values], type=pa.string()), None
     if pa.types.is_string(arr.type) or pa.types.is_null(arr.type):
@@ -404,6 +497,14 @@ def _typed_feature(values: pa.Array | list[FeatureValue]) -> tuple[pa.Array, np.
     np_values = arr.to_numpy(zero_copy_only=False)
     bad = ~np.isfinite(np_values) & ~np.isnan(np_values)  # NaN here means null
     return arr, bad if bad.any() else None
+
+
+def _int64_or_float(values: list[FeatureValue]) -> list[FeatureValue]:
+    """An integer too large for int64 as the float it is stored as anyway (numbers are
+    float64 columns), so that Arrow's conversion cannot overflow."""
+    if any(type(v) is int and not -(2**63) <= v < 2**63 for v in values):
+        return [float(v) if type(v) is int else v for v in values]
+    return values
 
 
 def _as_category(v: FeatureValue) -> str | None:

@@ -14,11 +14,20 @@ Kafka commit for the next regular one.
 
 TLS and SASL (docs/security.md) reach every client through `client_security`, so a
 client added later cannot quietly connect in plaintext.
+
+The dead-letter path must succeed for every record the consumer can read, or one
+record stops ingestion for good (docs/delivery.md): `check_topics` reads each topic's
+``max.message.bytes`` at start-up, the producer accepts the largest of them, and a
+record whose copy would not fit the dead-letter topic goes there as a reference (where
+it is, its size, its reason and its first KiB) instead.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -26,19 +35,24 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from connectors.events import Reason
 from connectors.http import read_secret
 
 __all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
     "DeadLetterError",
     "DeadLetterProducer",
     "KafkaError",
     "KafkaSecurityError",
     "Listener",
+    "MissingTopicsError",
     "TopicPartition",
+    "TopicReport",
+    "check_topics",
     "client_security",
     "commit_offsets",
     "group_joined",
@@ -50,10 +64,103 @@ log = logging.getLogger(__name__)
 REASON_HEADER = "driftloop-reason"
 ERROR_HEADER = "driftloop-error"
 SOURCE_HEADER = "driftloop-source"
+#: On a reference (Reason.TOO_LARGE_FOR_DEAD_LETTER): why the record itself was rejected.
+ORIGINAL_REASON_HEADER = "driftloop-original-reason"
+
+#: The brokers' default ``message.max.bytes``: what a topic takes when nothing says more.
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+#: What a dead-letter copy adds to the record: the three headers (the error is cut at
+#: 1,000 bytes) and the batch and record framing, with room to spare.
+DEAD_LETTER_OVERHEAD = 2_048
+#: How much of a record's value a reference keeps.
+REFERENCE_HEAD_BYTES = 1_024
 
 
 class DeadLetterError(RuntimeError):
     """A rejected record could not be written to the dead-letter topic."""
+
+
+class MissingTopicsError(RuntimeError):
+    """Topics the daemon reads or writes do not exist (and ``kafka.create_topics`` is off)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicReport:
+    """What `check_topics` found.
+
+    Attributes:
+        created: the topics it created (``kafka.create_topics``).
+        max_message_bytes: each topic's record size limit; None where it could not be
+            read (no DescribeConfigs permission).
+    """
+
+    created: tuple[str, ...]
+    max_message_bytes: Mapping[str, int | None]
+
+
+def check_topics(settings: Any, topics: Iterable[str], *, create: bool = False,
+                 security: Mapping[str, Any] | None = None,
+                 dead_letter_topic: str | None = None) -> TopicReport:
+    """Checks that ``topics`` exist, creating the missing ones when ``create``, and reads
+    their size limits.
+
+    A topic created here gets the broker's partition count and replication factor;
+    the dead-letter topic also gets a size limit that holds a copy of the largest
+    record any other topic can carry, so that no rejected record is too large for it.
+
+    Raises:
+        MissingTopicsError: some topic is missing and ``create`` is off; the message
+            names each and the command that creates it.
+        KafkaError: no broker answered (the caller retries).
+    """
+    topics = list(dict.fromkeys(topics))
+    if security is None:
+        security = client_security(settings)
+    with explain_refusals(settings):
+        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers.split(","),
+                                 client_id=f"{settings.client_id}-admin",
+                                 request_timeout_ms=settings.request_timeout_ms, **security)
+    try:
+        missing = [t for t in topics if t not in set(admin.list_topics())]
+        created: list[str] = []
+        if missing and not create:
+            cmds = "; ".join(f"kafka-topics.sh --bootstrap-server {settings.bootstrap_servers} "
+                             f"--create --topic {t}" for t in missing)
+            msg = (f"topic(s) {', '.join(missing)} do not exist: create them ({cmds}), or set "
+                   "kafka.create_topics: true to let driftloop create them")
+            raise MissingTopicsError(msg)
+        limits = _max_message_bytes(admin, [t for t in topics if t not in missing])
+        if missing:
+            largest = max([v for v in limits.values() if v] or [DEFAULT_MAX_MESSAGE_BYTES])
+            spec: dict[str, Any] = {}
+            for t in missing:
+                spec[t] = {"configs": {"max.message.bytes": str(largest + DEAD_LETTER_OVERHEAD)}
+                           if t == dead_letter_topic else {}}
+            admin.create_topics(spec, wait_for_metadata=True)
+            created = missing
+            limits.update(_max_message_bytes(admin, missing))
+        return TopicReport(tuple(created), limits)
+    finally:
+        admin.close()
+
+
+def _max_message_bytes(admin: KafkaAdminClient, topics: list[str]) -> dict[str, int | None]:
+    if not topics:
+        return {}
+    try:
+        found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t, None) for t in topics],
+                                       config_filter="all")
+    except KafkaError as exc:  # e.g. no DescribeConfigs permission: the limits stay unknown
+        log.warning("cannot read the topics' max.message.bytes", extra={"fields": {"error": repr(exc)}})
+        return dict.fromkeys(topics)
+    out: dict[str, int | None] = {}
+    for t in topics:
+        entry = (found.get("topic", {}).get(t) or {}).get("max.message.bytes") or {}
+        try:
+            out[t] = int(entry["value"])
+        except (KeyError, TypeError, ValueError):
+            out[t] = None
+    return out
 
 
 class KafkaSecurityError(KafkaError):  # type: ignore[misc]
@@ -282,6 +389,12 @@ class DeadLetterProducer:
     asynchronous; `flush` is the barrier a checkpoint waits on, so a position never
     advances past a rejected record that is not yet safely in the dead-letter topic.
 
+    A record whose copy would exceed the dead-letter topic's ``max.message.bytes``
+    (`limit_to`, read at start-up; Kafka's default until then) is sent as a reference
+    instead, with the reason ``too_large_for_dead_letter``: a JSON document naming its
+    source topic, partition and offset, its size, its original reason and detail, and
+    its first KiB. So is a record the broker refuses as too large after all.
+
     Args:
         bootstrap_servers: comma-separated broker list.
         topic: the dead-letter topic.
@@ -301,9 +414,13 @@ class DeadLetterProducer:
                    **kwargs, **client_security(settings, environ))
 
     def __init__(self, bootstrap_servers: str, topic: str, *, client_id: str = "driftloop",
-                 flush_timeout_s: float = 30.0, **config: Any) -> None:
+                 flush_timeout_s: float = 30.0, max_block_s: float = 10.0, **config: Any) -> None:
         self.topic = topic
         self.flush_timeout_s = flush_timeout_s
+        #: The largest record the dead-letter topic takes.
+        self.max_record_bytes = DEFAULT_MAX_MESSAGE_BYTES
+        #: Records sent as references since start (for /status).
+        self.references = 0
         self._producer: KafkaProducer | None = None
         self._config = dict(
             bootstrap_servers=bootstrap_servers.split(","),
@@ -314,9 +431,13 @@ class DeadLetterProducer:
             # The client insists delivery > linger + request timeout.
             delivery_timeout_ms=int(flush_timeout_s * 1000),
             request_timeout_ms=min(10_000, int(flush_timeout_s * 1000) - 100),
+            # A missing topic or an unreachable broker blocks send() this long, not the
+            # client's default minute: the main loop must keep answering /healthz.
+            max_block_ms=int(max_block_s * 1000),
+            max_request_size=DEFAULT_MAX_MESSAGE_BYTES + DEAD_LETTER_OVERHEAD,
             **config,
         )
-        self._pending: list[Any] = []
+        self._pending: list[tuple[Any, tuple[str, int, Any, Reason, str]]] = []
 
     def use_security(self, security: Mapping[str, Any]) -> None:
         """Adds `client_security`'s arguments to a producer built without them.
@@ -324,10 +445,24 @@ class DeadLetterProducer:
         Raises:
             RuntimeError: the client exists already (it would keep its old settings).
         """
-        if self._producer is not None:
-            msg = "use_security() after the dead-letter producer connected"
-            raise RuntimeError(msg)
+        self._unconnected("use_security()")
         self._config.update(security)
+
+    def limit_to(self, max_record_bytes: int, largest_input_bytes: int) -> None:
+        """Sizes the producer for the dead-letter topic's limit and the largest record
+        the consumer can read (the inputs' limits), before its first send.
+
+        Raises:
+            RuntimeError: the client exists already.
+        """
+        self._unconnected("limit_to()")
+        self.max_record_bytes = max_record_bytes
+        self._config["max_request_size"] = max(max_record_bytes, largest_input_bytes) + DEAD_LETTER_OVERHEAD
+
+    def _unconnected(self, what: str) -> None:
+        if self._producer is not None:
+            msg = f"{what} after the dead-letter producer connected"
+            raise RuntimeError(msg)
 
     def _client(self) -> KafkaProducer:
         # Created on first use: a daemon whose input is clean never opens it.
@@ -335,7 +470,30 @@ class DeadLetterProducer:
             self._producer = KafkaProducer(**self._config)
         return self._producer
 
-    def send(self, topic: str, partition: int, record: Any, reason: Reason, detail: str) -> None:
+    def send(self, topic: str, partition: int, record: Any, reason: Reason, detail: str) -> bool:
+        """Queues a rejected record; True when it went as a reference (too large).
+
+        Raises:
+            DeadLetterError: the client could not queue it (the topic's metadata did
+                not arrive in time: no broker, or the topic was deleted). The caller
+                treats it like a failed checkpoint and reads the record again later.
+        """
+        args = (topic, partition, record, reason, detail)
+        value = b"" if record.value is None else record.value
+        key = record.key
+        as_reference = len(value) + len(key or b"") + DEAD_LETTER_OVERHEAD > self.max_record_bytes
+        try:
+            future = self._send(*args, as_reference=as_reference)
+        except MessageSizeTooLargeError:
+            as_reference = True
+            future = self._send(*args, as_reference=True)
+        self._pending.append((future, args))
+        if as_reference:
+            self.references += 1
+        return as_reference
+
+    def _send(self, topic: str, partition: int, record: Any, reason: Reason, detail: str, *,
+              as_reference: bool) -> Any:
         headers = [
             (REASON_HEADER, reason.value.encode()),
             (ERROR_HEADER, detail[:1000].encode("utf-8", "replace")),
@@ -344,11 +502,28 @@ class DeadLetterProducer:
         # A null value (tombstone) with no key is legal in Kafka but not in the
         # client's send(); an empty value carries the same information.
         value = b"" if record.value is None else record.value
-        future = self._client().send(self.topic, key=record.key, value=value, headers=headers)
-        self._pending.append(future)
+        key = record.key
+        if as_reference:
+            headers[0] = (REASON_HEADER, Reason.TOO_LARGE_FOR_DEAD_LETTER.value.encode())
+            headers.append((ORIGINAL_REASON_HEADER, reason.value.encode()))
+            value = reference_value(topic, partition, record, reason, detail)
+            key = key if key is None or len(key) <= REFERENCE_HEAD_BYTES else None
+        try:
+            return self._client().send(self.topic, key=key, value=value, headers=headers)
+        except MessageSizeTooLargeError:
+            if as_reference:  # a reference is a few KiB: the limits are absurd
+                msg = f"the dead-letter topic {self.topic} refuses even a reference record"
+                raise DeadLetterError(msg) from None
+            raise
+        except KafkaError as exc:
+            msg = f"cannot send to the dead-letter topic {self.topic}: {exc!r}"
+            raise DeadLetterError(msg) from exc
 
     def flush(self) -> None:
         """Wait until every pending record is acknowledged.
+
+        A record the broker refused as too large for the topic is sent again as a
+        reference, and waited for too.
 
         Raises:
             DeadLetterError: some record was not acknowledged within the timeout; it
@@ -356,29 +531,44 @@ class DeadLetterProducer:
         """
         if not self._pending:
             return
+        oversized = self._wait()
+        if oversized:
+            for args in oversized:
+                self._pending.append((self._send(*args, as_reference=True), args))
+                self.references += 1
+            if self._wait():
+                msg = f"the dead-letter topic {self.topic} refuses even reference records"
+                raise DeadLetterError(msg)
+
+    def _wait(self) -> list[tuple[str, int, Any, Reason, str]]:
+        """Waits for the pending sends; returns those refused as too large."""
         producer = self._client()
         deadline = time.monotonic() + self.flush_timeout_s
         try:
             producer.flush(timeout=self.flush_timeout_s)
         except KafkaError as exc:
             log.warning("dead-letter flush timed out", extra={"fields": {"error": str(exc)}})
-        failed = []
-        for future in self._pending:
+        failed = 0
+        oversized = []
+        for future, args in self._pending:
             if not future.is_done:
                 remaining = max(0.0, deadline - time.monotonic())
-                try:
+                with contextlib.suppress(Exception):  # judged by the state just below
                     future.get(timeout=remaining)
-                except Exception:
-                    failed.append(future)
-                    continue
-            if future.failed():
-                failed.append(future)
+            if not future.is_done:
+                failed += 1
+            elif future.failed():
+                if isinstance(future.exception, MessageSizeTooLargeError):
+                    oversized.append(args)
+                else:
+                    failed += 1
         self._pending = []
         if failed:
             # Not re-sent here: the caller's checkpoint fails, everything since the
             # last checkpoint is read again, and these records are rejected again.
-            msg = f"{len(failed)} dead-letter record(s) not acknowledged by topic {self.topic}"
+            msg = f"{failed} dead-letter record(s) not acknowledged by topic {self.topic}"
             raise DeadLetterError(msg)
+        return oversized
 
     def discard(self) -> None:
         """Forget pending sends (after a rewind they will be produced again)."""
@@ -388,3 +578,18 @@ class DeadLetterProducer:
         if self._producer is not None:
             self._producer.close(timeout=timeout_s)
             self._producer = None
+
+
+def reference_value(topic: str, partition: int, record: Any, reason: Reason, detail: str) -> bytes:
+    """What the dead-letter topic gets in place of a record too large for it: enough to
+    find the record in its source topic (while retention keeps it) and to see what it was."""
+    value = b"" if record.value is None else record.value
+    return json.dumps({
+        "driftloop_reference": 1,
+        "source": {"topic": topic, "partition": partition, "offset": record.offset},
+        "value_bytes": len(value),
+        "key_bytes": len(record.key or b""),
+        "reason": reason.value,
+        "detail": detail[:1000],
+        "head_base64": base64.b64encode(value[:REFERENCE_HEAD_BYTES]).decode(),
+    }).encode()

@@ -85,6 +85,10 @@ class KafkaConfig(_Section):
     predictions_topic: str = "predictions"
     feedback_topic: str = "feedback"
     dead_letter_topic: str = "driftloop.dead-letter"
+    #: Create missing topics at start-up (the broker's partition count and replication;
+    #: the dead-letter topic sized for the largest input record). Off: a missing topic
+    #: stops the start with exit code 2, naming it.
+    create_topics: bool = False
     #: Where a partition with no stored position starts. ``earliest`` because losing
     #: data silently is worse than replaying retention once.
     start_from: Literal["earliest", "latest"] = "earliest"

@@ -25,10 +25,14 @@ from connectors.events import EventKind
 from connectors.fetch import install as use_fast_records
 from connectors.http import ControlServer, read_secret
 from connectors.kafka import (
+    DEAD_LETTER_OVERHEAD,
+    DEFAULT_MAX_MESSAGE_BYTES,
     DeadLetterProducer,
     KafkaError,
     Listener,
+    MissingTopicsError,
     TopicPartition,
+    check_topics,
     commit_offsets,
     group_joined,
     make_consumer,
@@ -137,6 +141,8 @@ class Daemon:
         self._last_checkpoint_at = 0.0
         #: When the consumer was last seen start joining its group (`_join_stalled`).
         self._joining_since: float | None = None
+        #: What the start-up check found of the topics (`_check_topics`), for /status.
+        self._topics_status: dict[str, Any] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -164,6 +170,9 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 self._last_loop = time.monotonic()
+                if self._topics_status is None:
+                    self._check_topics()
+                    continue
                 if self._consumer is None:
                     try:
                         self._consumer = make_consumer(
@@ -185,6 +194,49 @@ class Daemon:
             self._shutdown()
         log.info("driftloop stopped", extra={"fields": {"instance": self.config.instance}})
         return self._exit_code
+
+    def _check_topics(self) -> None:
+        """Before the first poll: every topic exists (or is created, with
+        ``kafka.create_topics``), and the dead-letter producer is sized so that every
+        record the consumer can read has a place in the dead-letter topic.
+
+        Raises:
+            ConfigError: a topic is missing (the CLI exits 2); the message names it.
+        """
+        k = self.config.kafka
+        try:
+            report = check_topics(k, [*self.topics, k.dead_letter_topic], create=k.create_topics,
+                                  dead_letter_topic=k.dead_letter_topic)
+        except MissingTopicsError as exc:
+            log.error("missing topics", extra={"fields": {"error": str(exc)}})
+            msg = f"kafka: {exc}"
+            raise ConfigError(msg) from None
+        except KafkaError as exc:
+            log.warning("cannot reach Kafka to check the topics, retrying", extra={"fields": {
+                "error": str(exc), "retry_in_s": self._backoff}})
+            self._stop.wait(self._backoff)
+            self._backoff = min(self._backoff * 2, 10.0)
+            return
+        limits = report.max_message_bytes
+        dlq = limits.get(k.dead_letter_topic) or DEFAULT_MAX_MESSAGE_BYTES
+        largest = max(limits.get(t) or DEFAULT_MAX_MESSAGE_BYTES for t in self.topics)
+        self.dead_letters.limit_to(dlq, largest)
+        status: dict[str, Any] = {"created": list(report.created), "max_message_bytes": dict(limits)}
+        if dlq < largest + DEAD_LETTER_OVERHEAD:
+            fix = (f"kafka-configs.sh --bootstrap-server {k.bootstrap_servers} --alter --entity-type "
+                   f"topics --entity-name {k.dead_letter_topic} --add-config "
+                   f"max.message.bytes={largest + DEAD_LETTER_OVERHEAD}")
+            status["dead_letter_mismatch"] = {
+                "problem": (f"the dead-letter topic takes records up to {dlq} bytes, the inputs up "
+                            f"to {largest}: a rejected record larger than {dlq - DEAD_LETTER_OVERHEAD} "
+                            "bytes is dead-lettered as a reference (its position, size and first "
+                            "KiB), not as a copy"),
+                "fix": fix}
+            log.warning("the dead-letter topic is smaller than the input topics", extra={"fields":
+                        status["dead_letter_mismatch"]})
+        if report.created:
+            log.info("topics created", extra={"fields": {"topics": list(report.created)}})
+        self._topics_status = status
 
     # -- leadership (cluster.enabled) ------------------------------------------------
 
@@ -255,8 +307,20 @@ class Daemon:
             by_topic[tp.topic].append((tp.partition, records))
         if polled:
             self._backoff = 0.1
-        for topic, batches in by_topic.items():
-            self.ingestor.ingest(topic, batches)
+        try:
+            for topic, batches in by_topic.items():
+                self.ingestor.ingest(topic, batches)
+        except Exception as exc:
+            # No record makes ingest raise; its dead-letter sink can (the topic deleted,
+            # the broker gone). Handled as a failed checkpoint: back to the last durable
+            # position, and the batch is read again once the sink answers.
+            log.error("ingestion failed; rewinding to the last durable position", extra={"fields": {
+                "error": repr(exc), "retry_in_s": self._backoff}})
+            self.dead_letters.discard()
+            self._recover()
+            self._stop.wait(self._backoff)
+            self._backoff = min(self._backoff * 2, 10.0)
+            return
         for tp in consumer.assignment():
             self.ingestor.set_caught_up(tp.topic, tp.partition, consumer.highwater(tp))
         cp = self.config.checkpoint
@@ -482,7 +546,8 @@ class Daemon:
         if stalled > STALL_SECONDS:
             return False, f"main loop stalled for {stalled:.0f}s"
         if self.ingestor.consecutive_failures >= MAX_CHECKPOINT_FAILURES:
-            return False, f"{self.ingestor.consecutive_failures} checkpoints failed in a row"
+            return False, (f"{self.ingestor.consecutive_failures} checkpoints or batches failed "
+                           "in a row")
         return True, "ok"
 
     def _readiness(self) -> tuple[bool, str]:
@@ -490,6 +555,9 @@ class Daemon:
             return False, "not connected to Kafka yet"
         if self._last_poll_ok is None or time.monotonic() - self._last_poll_ok > 30:
             return False, "no successful poll in the last 30s"
+        consumer = self._consumer
+        if consumer is None or not consumer.assignment():
+            return False, "no partition assigned (joining the group, or more replicas than partitions)"
         return True, "ok"
 
     def status(self) -> dict[str, Any]:
@@ -511,6 +579,8 @@ class Daemon:
             "http_port": self.http.port,
             "assignment": assignment,
             "ingest": self.ingestor.status(),
+            "topics": self._topics_status,
+            "dead_letter_references": self.dead_letters.references,
             "events_in": counter_values(self.metrics.events_in),
             "events_stored": counter_values(self.metrics.events_stored),
             "dead_letters": counter_values(self.metrics.dead_letters),

@@ -65,7 +65,9 @@ class DeadLetterSink(Protocol):
     """Where rejected records go (connectors.kafka.DeadLetterProducer in production)."""
 
     def send(self, topic: str, partition: int, record: Record, reason: Reason,
-             detail: str) -> None: ...
+             detail: str) -> bool | None:
+        """Queue the record; True when it went as a reference (too large for the sink).
+        Raises when the sink is unreachable: ingestion then rewinds (see `ingest`)."""
 
     def flush(self) -> None:
         """Block until everything sent is acknowledged; raise if anything was not."""
@@ -254,8 +256,27 @@ class Ingestor:
 
         Decoding all partitions of a topic in one call amortises the per-batch cost
         of building Arrow columns.
+
+        No record can make this raise: one that decoding or windowing cannot handle is
+        dead-lettered (``internal_error`` when that is a bug of ours). What may raise
+        is the dead-letter sink itself (its broker or topic gone); the caller must then
+        `recover` (rows of the batch may be half-appended) and read the batch again.
         """
+        try:
+            self._ingest(topic, batches)
+        except BaseException:
+            self.consecutive_failures += 1
+            self.metrics.ingest_failures.inc()
+            raise
+
+    def _ingest(self, topic: str, batches: Sequence[tuple[int, Sequence[Record]]]) -> None:
         t = self._topics[topic]
+        for partition, recs in batches:
+            # Before anything can fail: `recover` rewinds a partition without a stored
+            # position to here.
+            key = (topic, partition)
+            if recs and self._stored.get(key) is None and key not in self._first:
+                self._first[key] = recs[0].offset
         records: list[Record] = []
         bounds = [0]
         for _, recs in batches:
@@ -273,8 +294,17 @@ class Ingestor:
 
         table = decoded.table
         if table.num_rows:
-            starts = self.spec.window_start(decoded.ts_ms)
-            late = t.clock.late_mask(starts)
+            try:
+                starts = self.spec.window_start(decoded.ts_ms)
+                late = t.clock.late_mask(starts)
+            except Exception as exc:  # a bug of ours: no row may take the batch down with it
+                log.exception("windowing failed; the batch's rows go to the dead-letter topic")
+                for i in decoded.index.tolist():
+                    failure = DecodeFailure(int(i), Reason.INTERNAL_ERROR,
+                                            f"{type(exc).__name__} while windowing (a driftloop bug)")
+                    self._dead_letter(topic, batches[owner[i]][0], records[i], failure)
+                table = table.slice(0, 0)
+        if table.num_rows:
             if late.any():
                 closed = t.clock.closed_upto_ms
                 for row in np.flatnonzero(late):
@@ -304,10 +334,7 @@ class Ingestor:
 
         for partition, recs in batches:
             if recs:
-                key = (topic, partition)
-                if self._stored.get(key) is None and key not in self._first:
-                    self._first[key] = recs[0].offset
-                self._next[key] = recs[-1].offset + 1
+                self._next[(topic, partition)] = recs[-1].offset + 1
         self.metrics.buffered_rows.set(self._buffered)
 
     def _append(self, t: _Topic, table: pa.Table, starts: np.ndarray) -> None:
@@ -323,8 +350,10 @@ class Ingestor:
 
     def _dead_letter(self, topic: str, partition: int, record: Record,
                      failure: DecodeFailure) -> None:
+        as_reference = self.dead_letters.send(topic, partition, record, failure.reason, failure.detail)
         self.metrics.dead_letters.labels(topic, failure.reason.value).inc()
-        self.dead_letters.send(topic, partition, record, failure.reason, failure.detail)
+        if as_reference:
+            self.metrics.dead_letter_references.labels(topic).inc()
 
     # -- checkpoints ---------------------------------------------------------------
 
@@ -471,7 +500,7 @@ class Ingestor:
         """Forget everything not checkpointed; returns where owned partitions must be
         re-read from (the stored position, or the first offset read when none)."""
         rewind: dict[tuple[str, int], int] = {}
-        for key in list(self._next):
+        for key in {*self._next, *self._first}:
             stored = self._stored.get(key)
             start = stored if stored is not None else self._first.get(key)
             if start is not None:

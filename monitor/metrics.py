@@ -65,6 +65,14 @@ class Metrics:
         self.poll_errors = Counter(
             "driftloop_poll_errors_total", "Errors raised by the Kafka client while polling.",
             registry=r)
+        self.dead_letter_references = Counter(
+            "driftloop_dead_letter_references_total",
+            "Rejected records too large for the dead-letter topic, sent there as references.",
+            ["topic"], registry=r)
+        self.ingest_failures = Counter(
+            "driftloop_ingest_failures_total",
+            "Batches whose ingestion failed (the dead-letter topic or the store unreachable); "
+            "rewound to the last checkpoint and read again.", registry=r)
         # -- the monitor's analysis (monitor/analysis.py) --------------------------
         self.windows_analysed = Counter(
             "driftloop_windows_analysed_total",

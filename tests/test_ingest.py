@@ -159,6 +159,43 @@ def test_failed_checkpoint_rewinds_to_the_last_durable_position(tmp_path: Path) 
     assert dlq.sent == [(P, 0, 600, Reason.MALFORMED_JSON)]
 
 
+class UnreachableDeadLetters(MemoryDeadLetters):
+    """A dead-letter topic that was deleted: every send raises (the producer's metadata wait)."""
+
+    def send(self, topic, partition, record, reason, detail):
+        raise RuntimeError("cannot send to the dead-letter topic")
+
+
+@pytest.mark.parametrize("checkpointed_first", [False, True])
+def test_a_batch_whose_dead_letter_cannot_be_sent_is_rewound_and_read_again(
+        tmp_path: Path, checkpointed_first: bool) -> None:
+    """The sink failing half-way through a batch leaves rows appended and no position
+    moved: `recover` must say where to read again, even for a partition that has no
+    stored position yet (which used to be skipped: the batch was lost)."""
+    clock = Clock()
+    recs = stream(1_000)
+    recs[600] = Rec(600, b"{not json")
+    ing = make(tmp_path, UnreachableDeadLetters(), clock)
+    ing.assign([(P, 0)])
+    start = 0
+    if checkpointed_first:
+        ing.ingest(P, [(0, recs[:500])])
+        ing.checkpoint()
+        start = 500
+    with pytest.raises(RuntimeError, match="dead-letter"):
+        ing.ingest(P, [(0, recs[start:])])
+    assert ing.consecutive_failures == 1
+    assert ing.recover() == {(P, 0): start}
+    dlq = MemoryDeadLetters()
+    ing.dead_letters = dlq
+    ing.ingest(P, [(0, recs[start:])])
+    clock.now += SPEC.idle_timeout_ms
+    ing.checkpoint()
+    ids = stored_ids(tmp_path)
+    assert len(ids) == 999 and len(set(ids)) == 999
+    assert dlq.sent == [(P, 0, 600, Reason.MALFORMED_JSON)]
+
+
 def test_late_events_go_to_the_dead_letter_topic_not_to_a_closed_window(tmp_path: Path) -> None:
     clock, dlq = Clock(), MemoryDeadLetters()
     ing = make(tmp_path, dlq, clock)
