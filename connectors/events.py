@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import math
 import operator
 import re
 from collections.abc import Callable, Sequence
@@ -213,23 +214,15 @@ def _decode_batch(kind: EventKind, values: Sequence[bytes | None], max_bytes: in
     # Fast path: every message non-empty, within the size limit and valid, decoded
     # by a list comprehension (no per-message bookkeeping). Any exception sends the
     # whole batch through the careful loop below, which classifies each failure.
-    # Predictions first try a decoder whose features are a Struct learned from the
-    # batch's first event (`_feature_decoder`); any event it refuses sends the batch
-    # to the generic decoder, so it changes speed, never results.
+    # Both kinds first try a decoder that refuses unknown fields (for predictions its
+    # features are a Struct learned from the batch's first event, `_feature_decoder`);
+    # any event it refuses sends the batch to the generic decoder, so it changes speed,
+    # never results.
     feature_names: tuple[str, ...] | None = None
     try:
         if not values or (all(values) and max(map(len, values)) <= max_bytes):  # type: ignore[arg-type]
             index: list[int] | range = range(len(values))
-            fast = _feature_decoder(decode, values) if kind is EventKind.PREDICTION else None
-            if fast is not None:
-                try:
-                    events = [fast[0](v) for v in values]  # type: ignore[arg-type]
-                    feature_names = fast[1]
-                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError,
-                        RecursionError):
-                    pass
-            if feature_names is None:
-                events = [decode(v) for v in values]  # type: ignore[arg-type]
+            events, feature_names = _decode_fast(kind, decode, values)  # type: ignore[arg-type]
         else:
             raise _SlowPath
     except (_SlowPath, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError,
@@ -269,6 +262,60 @@ class _SlowPath(Exception):
     pass
 
 
+_FAST_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+
+
+def _decode_fast(
+    kind: EventKind, decode: Callable[[bytes], Prediction | Feedback], values: Sequence[bytes]
+) -> tuple[list[Prediction] | list[Feedback], tuple[str, ...] | None]:
+    """Every event of the batch and its feature names (None: features are dicts), or raise.
+
+    What a decoder refusing unknown fields accepts nests two levels at most (an object
+    in an object), so only a batch with unknown fields pays for the depth check; that
+    check keeps a message nested too deep rejected whatever batch it is in.
+    """
+    strict = _feature_decoder(decode, values) if kind is EventKind.PREDICTION else _STRICT_FEEDBACK
+    if strict is not None and values:
+        try:
+            return [strict[0](v) for v in values], strict[1]  # type: ignore[misc]
+        except _FAST_ERRORS:
+            pass
+    if not _shallow(values):
+        raise _SlowPath
+    return [decode(v) for v in values], None  # type: ignore[return-value]
+
+
+def _shallow(values: Sequence[bytes]) -> bool:
+    """Whether no message nests deeper than MAX_DEPTH: the fast path's guard.
+
+    msgspec skips unknown fields to any depth its own stack allows, so without it a
+    message nested 33 to ~1,000 levels deep in an unknown field was stored when its
+    batch was clean and rejected as ``too_deep`` when the batch took the careful path.
+    The openers of the whole batch are found in one vectorised pass (per-message
+    ``bytes.count`` cost twice as much); only a message with more of them than the
+    bound is looked at closely.
+    """
+    data = np.frombuffer(b"".join(values), dtype=np.uint8)
+    opens = np.flatnonzero((data | 0x20) == 0x7B)  # b"[" is 0x5B, b"{" is 0x7B
+    if len(opens) <= MAX_DEPTH:
+        return True
+    ends = np.cumsum(np.fromiter(map(len, values), np.int64, len(values)))
+    per_message = np.diff(np.searchsorted(opens, ends), prepend=0)
+    return not any(too_deep(values[i], MAX_DEPTH) for i in np.flatnonzero(per_message > MAX_DEPTH))
+
+
+def _strict(struct: type[msgspec.Struct], name: str, **types: object) -> type[msgspec.Struct]:
+    """``struct`` refusing unknown fields, with the field types in ``types`` replaced."""
+    return msgspec.defstruct(
+        name, [(f.name, types.get(f.name, f.type)) if f.required
+               else (f.name, types.get(f.name, f.type), f.default)
+               for f in msgspec.structs.fields(struct)],
+        forbid_unknown_fields=True, frozen=True, gc=False)
+
+
+_STRICT_FEEDBACK = (msgspec.json.Decoder(_strict(Feedback, "StrictFeedback")).decode, None)
+
+
 #: Feature key sets seen recently -> (decode, the keys in struct field order).
 _FEATURE_DECODERS: dict[frozenset[str], tuple[Callable[[bytes], Prediction], tuple[str, ...]]] = {}
 _MAX_FEATURE_DECODERS = 64
@@ -282,9 +329,10 @@ def _feature_decoder(
     Decoding features into a dict, then transposing the dicts into columns, is about
     half of decode_batch's cost; a Struct with one field per key decodes faster and
     its fields make the columns directly. Its fields are exactly the first event's
-    keys, it refuses unknown keys, and a missing key reads as None (a null, as in a
-    dict-built column), so whenever every event of the batch decodes with it the
-    columns are the ones the generic decoder would give.
+    keys, it refuses unknown keys (and unknown fields of the event, `_decode_fast`),
+    and a missing key reads as None (a null, as in a dict-built column), so whenever
+    every event of the batch decodes with it the columns are the ones the generic
+    decoder would give.
     """
     if not values:
         return None
@@ -303,12 +351,7 @@ def _feature_decoder(
             features = msgspec.defstruct(
                 "Features", fields, rename=dict(zip([f[0] for f in fields], names, strict=True)),
                 forbid_unknown_fields=True, frozen=True, gc=False)
-            struct = msgspec.defstruct(
-                "PredictionWithFeatures",
-                [(f.name, features if f.name == "features" else f.type)
-                 if f.required else (f.name, f.type, f.default)
-                 for f in msgspec.structs.fields(Prediction)],
-                frozen=True, gc=False)
+            struct = _strict(Prediction, "PredictionWithFeatures", features=features)
         except (TypeError, ValueError):
             return None
         if len(_FEATURE_DECODERS) >= _MAX_FEATURE_DECODERS:
@@ -486,10 +529,12 @@ def _typed_feature(values: pa.Array | list[FeatureValue]) -> tuple[pa.Array, np.
     if isinstance(values, pa.Array):
         arr = values
     else:
+        numbers = _int64_or_float(values)
         try:
-            arr = pa.array(_int64_or_float(values))
+            arr = pa.array(numbers)
         except (pa.ArrowTypeError, pa.ArrowInvalid):
-            return pa.array([_as_category(v) for v in values], type=pa.string()), None
+            text = pa.array([_as_category(v) for v in values], type=pa.string())
+            return text, _overflowed(numbers) if numbers is not values else None
     if pa.types.is_string(arr.type) or pa.types.is_null(arr.type):
         return arr.cast(pa.string()), None
     # Unsafe: an integer beyond 2**53 is stored rounded rather than failing the batch.
@@ -503,8 +548,24 @@ def _int64_or_float(values: list[FeatureValue]) -> list[FeatureValue]:
     """An integer too large for int64 as the float it is stored as anyway (numbers are
     float64 columns), so that Arrow's conversion cannot overflow."""
     if any(type(v) is int and not -(2**63) <= v < 2**63 for v in values):
-        return [float(v) if type(v) is int else v for v in values]
+        return [_as_float(v) if type(v) is int else v for v in values]
     return values
+
+
+def _as_float(v: int) -> float:
+    """``float(v)``, or an infinity for an integer beyond float64 too (``1`` and 400
+    zeros is valid JSON), which the non-finite check then rejects like ``1e400``."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
+def _overflowed(numbers: list[FeatureValue]) -> np.ndarray | None:
+    """Rows whose integer overflowed float64, in a column stored as text: rejected all
+    the same, so that a row's verdict never depends on the other rows of its batch."""
+    bad = np.fromiter((type(v) is float and math.isinf(v) for v in numbers), bool, len(numbers))
+    return bad if bad.any() else None
 
 
 def _as_category(v: FeatureValue) -> str | None:

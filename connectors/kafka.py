@@ -120,28 +120,33 @@ def check_topics(settings: Any, topics: Iterable[str], *, create: bool = False,
         admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers.split(","),
                                  client_id=f"{settings.client_id}-admin",
                                  request_timeout_ms=settings.request_timeout_ms, **security)
-    try:
-        missing = [t for t in topics if t not in set(admin.list_topics())]
-        created: list[str] = []
-        if missing and not create:
-            cmds = "; ".join(f"kafka-topics.sh --bootstrap-server {settings.bootstrap_servers} "
-                             f"--create --topic {t}" for t in missing)
-            msg = (f"topic(s) {', '.join(missing)} do not exist: create them ({cmds}), or set "
-                   "kafka.create_topics: true to let driftloop create them")
-            raise MissingTopicsError(msg)
-        limits = _max_message_bytes(admin, [t for t in topics if t not in missing])
-        if missing:
-            largest = max([v for v in limits.values() if v] or [DEFAULT_MAX_MESSAGE_BYTES])
-            spec: dict[str, Any] = {}
-            for t in missing:
-                spec[t] = {"configs": {"max.message.bytes": str(largest + DEAD_LETTER_OVERHEAD)}
-                           if t == dead_letter_topic else {}}
-            admin.create_topics(spec, wait_for_metadata=True)
-            created = missing
-            limits.update(_max_message_bytes(admin, missing))
-        return TopicReport(tuple(created), limits)
-    finally:
-        admin.close()
+        try:
+            return _check_topics(admin, settings, topics, create, dead_letter_topic)
+        finally:
+            admin.close()
+
+
+def _check_topics(admin: KafkaAdminClient, settings: Any, topics: list[str], create: bool,
+                  dead_letter_topic: str | None) -> TopicReport:
+    missing = [t for t in topics if t not in set(admin.list_topics())]
+    created: list[str] = []
+    if missing and not create:
+        cmds = "; ".join(f"kafka-topics.sh --bootstrap-server {settings.bootstrap_servers} "
+                         f"--create --topic {t}" for t in missing)
+        msg = (f"topic(s) {', '.join(missing)} do not exist: create them ({cmds}), or set "
+               "kafka.create_topics: true to let driftloop create them")
+        raise MissingTopicsError(msg)
+    limits = _max_message_bytes(admin, [t for t in topics if t not in missing])
+    if missing:
+        largest = max([v for v in limits.values() if v] or [DEFAULT_MAX_MESSAGE_BYTES])
+        spec: dict[str, Any] = {}
+        for t in missing:
+            spec[t] = {"configs": {"max.message.bytes": str(largest + DEAD_LETTER_OVERHEAD)}
+                       if t == dead_letter_topic else {}}
+        admin.create_topics(spec, wait_for_metadata=True)
+        created = missing
+        limits.update(_max_message_bytes(admin, missing))
+    return TopicReport(tuple(created), limits)
 
 
 def _max_message_bytes(admin: KafkaAdminClient, topics: list[str]) -> dict[str, int | None]:

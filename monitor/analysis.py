@@ -89,6 +89,15 @@ class AnalysisSpec:
     cusum_drops: tuple[float, ...]
     labels_stall_ms: int
     profile: ProfileSpec = dataclasses.field(default_factory=lambda: ProfileSpec(score="score"))
+    #: A bootstrapped reference needs this many of the version's predictions (drift) and
+    #: matured rows (labels) as well as bootstrap_ms of its traffic: a quiet start
+    #: (9 rows, no click) would otherwise be the yardstick for good.
+    bootstrap_min_rows: int = 500
+    #: ... and this many positive primary labels for a label reference.
+    bootstrap_min_labels: int = 20
+    #: A stage with closed windows waiting and no progress for this long is stalled:
+    #: /readyz degrades and a ``monitor_stalled`` incident pages.
+    stall_ms: int = 900_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +159,8 @@ class _Version:
     cusum: dict[str, Any] | None = None
     cusum_alarms_in_period: int = 0
     last_window: int = 0
+    #: Predictions seen in decided windows while the version had no drift reference.
+    rows: int = 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -206,6 +217,10 @@ class Analysis:
         self._refs_missed: set[str] = set()
         self._versions: dict[str, _Version] = {}
         self.last_error: str | None = None
+        #: Stalled stages and why (`watch`): what /readyz reports.
+        self.stalls: dict[str, str] = {}
+        #: stage -> (its pointer when last seen, when it last moved or had nothing waiting).
+        self._progress: dict[str, tuple[int | None, float]] = {}
         self._stall_checked_upto = -1
         #: A step failed: what deciding holds in memory may be ahead of the store.
         self._stale = False
@@ -287,23 +302,33 @@ class Analysis:
         deadline = time.monotonic() + budget_s
         if self.leader and self._stale:
             self._reload_decisions()
+        not_yet: NotYet | None = None
         try:
             if self.leader:
                 self._commit_submitted()
             pred_view = self.summaries.view(self.pred_topic)
             fb_view = self.summaries.view(self.feedback_topic)
-            done = self._summarise(pred_view, fb_view, deadline)
+            done = 0
+            for summarise in (self._summarise_drift_windows, self._summarise_join_windows):
+                # A window whose file is not in place holds up its own pass only: a
+                # segment lost from the store must not stop drift along with the join.
+                try:
+                    done += summarise(pred_view, fb_view, deadline)
+                except NotYet as exc:
+                    not_yet = not_yet or exc
             if self.leader and time.monotonic() <= deadline:
                 done += self._decide(pred_view, fb_view, deadline)
         except BaseException:
             # Whatever failed, deciding may have changed its state without committing it.
             self._stale = True
             raise
+        if not_yet is not None and not done:
+            raise not_yet
         return done
 
     # -- summarising: every replica, over the windows it stored --------------------------
 
-    def _summarise(self, pred_view: Any, fb_view: Any, deadline: float) -> int:
+    def _summarise_drift_windows(self, pred_view: Any, fb_view: Any, deadline: float) -> int:
         done = 0
         # Whether a window is final here is `closed_for`'s to say (closed, or orphaned
         # and written out), not a bound on the query.
@@ -319,8 +344,12 @@ class Analysis:
             done += 1
             if time.monotonic() > deadline:
                 return done
+        return done
+
+    def _summarise_join_windows(self, pred_view: Any, fb_view: Any, deadline: float) -> int:
+        done = 0
         matured = matured_upto(self.spec.join, fb_view.closed_upto())
-        if matured is None:
+        if matured is None or time.monotonic() > deadline:
             return done
         join_upto = self._pointer("join_upto")
         first = None if join_upto is None else join_upto - 1
@@ -488,10 +517,18 @@ class Analysis:
 
     def _may_lack_reference(self, key: str, start: int, drift_upto: int | None) -> bool:
         """Whether a summary of window ``start`` without a reference for ``key`` is what
-        the leader will want: a reference it bootstraps at window W applies from W + 1,
-        so a replica ahead of the leader's decisions must not summarise past the first
-        window that could be bootstrapped at, and waits there instead."""
-        if drift_upto is not None and start <= drift_upto:
+        the leader will want: a reference it bootstraps while deciding window W applies
+        from the next window on, so a replica ahead of the leader's decisions must not
+        summarise past the first window that could be bootstrapped at, and waits there
+        instead (the leader can always catch up: the earlier windows' summaries exist).
+
+        Where the version's traffic has a gap, the window it bootstraps at is the first
+        one after the gap; that window itself must be summarised without a reference,
+        or the leader would wait for a summary that waits for the leader (a sparse
+        canary, a quiet night: it froze every model's drift analysis for good)."""
+        undecided = self.state.segment_windows(self.pred_topic,
+                                               None if drift_upto is None else drift_upto - 1, start)
+        if not undecided:
             # The leader decided every window before ``start``: a bootstrapped
             # reference would be in the state store already.
             return True
@@ -540,11 +577,13 @@ class Analysis:
         summaries: dict[str, Profile] = {}
         refs: dict[str, Reference] = {}
         partial: set[str] = set()
+        rows: dict[str, int] = {}
         for part in parts:
             for key, d in sorted(part["versions"].items()):
                 model, version = key.split("@", 1)
                 v = self._version(key, start)
                 v.last_window = start
+                rows[key] = rows.get(key, 0) + int(d["rows"])
                 ref = self._reference(model, version, external=False)
                 if ref is None:
                     continue
@@ -568,7 +607,9 @@ class Analysis:
                 values[f"version/{key}"] = v.to_json()
                 continue
             if ref is None:
-                if end - v.first_window >= self.spec.bootstrap_ms:
+                v.rows += rows.get(key, 0)
+                if (end - v.first_window >= self.spec.bootstrap_ms
+                        and v.rows >= self.spec.bootstrap_min_rows):
                     ref = self._bootstrap(model, version, v.first_window, end)
                     self._refs[key] = ref
                     values[f"ref/{key}"] = ref.to_json()
@@ -598,8 +639,10 @@ class Analysis:
                 # Unmatched feedback is counted only where every prediction window that
                 # could match it is still to be joined by this process.
                 earliest = fs - spec.join.attribution_ms - spec.window_ms
-                self.index.add(fs, fb, count_unmatched=not self.cluster and (
+                dups = self.index.add(fs, fb, count_unmatched=not self.cluster and (
                     join_upto is None or earliest >= join_upto))
+                if dups:
+                    self.metrics.duplicate_feedback.inc(dups)
         paths = self.summaries.own_segments(self.pred_topic, self.instance, start)
         preds, dups = dedupe_predictions(self._read(self.pred_topic, start, _PRED_COLUMNS, paths))
         if dups:
@@ -671,7 +714,8 @@ class Analysis:
             acc = summary if v.label_ref is None else LabelSummary.from_dict(v.label_ref) + summary
             v.label_ref = acc.to_dict()
             v.label_ref_start = start if v.label_ref_start is None else v.label_ref_start
-            if end - v.label_ref_start >= spec.bootstrap_ms:
+            if (end - v.label_ref_start >= spec.bootstrap_ms and acc.n >= spec.bootstrap_min_rows
+                    and acc.positives.get(spec.primary_label, 0) >= spec.bootstrap_min_labels):
                 v.label_ref_done = True
                 log.warning("no label reference for this model version: bootstrapped one from "
                             "its first matured windows", extra={"fields": {
@@ -749,6 +793,67 @@ class Analysis:
                 evidence={"prediction_closed_upto": _iso(pred_closed),
                           "feedback_closed_upto": None if fb_closed is None else _iso(fb_closed)})])
 
+    # -- watching the stages themselves --------------------------------------------------
+
+    def watch(self, now_s: float | None = None) -> dict[str, str]:
+        """Whether drift and join are making progress; returns the stalled stages'
+        reasons (also in `stalls`, for /readyz).
+
+        Called after every step, failed or not: a stage that cannot move (a segment
+        lost from the store, a replica that stopped summarising, a bug that fails every
+        step) must not look like a quiet one. A stage is stalled when closed windows
+        wait for it and its pointer has not moved for ``stall_ms``; that is a critical
+        ``monitor_stalled`` incident, resolved once it moves again. Leader only.
+        """
+        now_s = time.monotonic() if now_s is None else now_s
+        if not self.leader:
+            return {}
+        if self._stale:
+            self._reload_decisions()
+        pred_closed = self.summaries.view(self.pred_topic).closed_upto()
+        matured = matured_upto(self.spec.join, self.summaries.view(self.feedback_topic).closed_upto())
+        bounds = {"drift": pred_closed,
+                  "join": None if matured is None or pred_closed is None else min(matured, pred_closed)}
+        stalls: dict[str, str] = {}
+        signals: list[Signal] = []
+        for stage, bound in bounds.items():
+            pointer = self._pointer(f"{stage}_upto")
+            waiting = [] if bound is None else self.state.segment_windows(
+                self.pred_topic, None if pointer is None else pointer - 1, bound)
+            seen, since = self._progress.get(stage, (None, now_s))
+            if pointer != seen or not waiting:
+                since = now_s
+            self._progress[stage] = (pointer, since)
+            idle_s = now_s - since
+            self.metrics.stage_idle.labels(stage).set(idle_s)
+            firing = idle_s * 1000 > self.spec.stall_ms
+            self.metrics.stage_stalled.labels(stage).set(int(firing))
+            if firing:
+                stalls[stage] = self._stall_reason(stage, idle_s, waiting)
+            if firing or f"monitor_stalled/*/{stage}" in self.book.open:
+                first = waiting[0] if waiting else (pointer or 0)
+                signals.append(Signal(
+                    "monitor_stalled", "*", stage, firing, first, bound or first, Severity.CRITICAL,
+                    summary=stalls.get(stage, ""),
+                    evidence={"stage": stage, "idle_s": round(idle_s), "windows_waiting": len(waiting),
+                              "analysed_upto": _iso_or_none(pointer),
+                              "waiting_for": self._waiting.get(stage), "last_error": self.last_error}))
+        self.stalls = stalls
+        if signals:
+            self._commit({}, signals)
+        return stalls
+
+    def _stall_reason(self, stage: str, idle_s: float, waiting: list[int]) -> str:
+        why = ""
+        if self._waiting.get(stage):
+            w = self._waiting[stage]
+            why = f"; waiting for the summaries of {', '.join(w['replicas'])} for window {w['window']}"
+        elif self.last_error:
+            why = f"; its last error: {self.last_error[:200]}"
+        idle = f"{idle_s:.0f} s" if idle_s < 120 else f"{idle_s / 60:.0f} min"
+        return (f"{stage} analysis has made no progress for {idle} with "
+                f"{len(waiting)} closed window(s) waiting, from {_iso(waiting[0])}{why}")
+
     # -- incidents and persistence -------------------------------------------------------
 
     def _commit(self, values: dict[str, str], signals: list[Signal],
@@ -789,6 +894,7 @@ class Analysis:
             "references": refs,
             "role": "leader" if self.leader else "follower",
             "waiting_for": dict(self._waiting),
+            "stalled": dict(self.stalls),
             "join_index_rows": self.index.rows,
             "feedback_unmatched": dict(self.index.unmatched),
             "last_error": self.last_error,

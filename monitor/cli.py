@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from monitor.config import Config, ConfigError, load_config
+from monitor.config import PROFILES, Config, ConfigError, load_config
 
 EXIT_CONFIG = 2
 
@@ -29,10 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", "-c", help="YAML config file (env DRIFTLOOP__* overrides)")
+    run.add_argument("--profile", choices=sorted(PROFILES),
+                     help="defaults under the config file: 'trial' shortens windows, bootstrap and "
+                          "attribution so that a first look shows verdicts within minutes")
     status = sub.add_parser("status", help="print the running daemon's /status")
     status.add_argument("--config", "-c", help="YAML config file")
     check = sub.add_parser("check-config", help="validate the config and print it resolved")
     check.add_argument("--config", "-c", help="YAML config file")
+    check.add_argument("--profile", choices=sorted(PROFILES), help="as for run")
     retrain = sub.add_parser("retrain", help="ask the running daemon to fine-tune MODEL now")
     retrain.add_argument("model", help="the registered model name")
     retrain.add_argument("--reason", default="asked by a person", help="why (kept with the decision)")
@@ -187,9 +191,9 @@ def _secure_daemon(config: Config) -> Any:
     return on_ready
 
 
-def _load(path: str | None) -> Config:
+def _load(path: str | None, profile: str | None = None) -> Config:
     try:
-        return load_config(path)
+        return load_config(path, profile=profile)
     except ConfigError as exc:
         print(f"driftloop: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
@@ -197,7 +201,8 @@ def _load(path: str | None) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config = _load(args.config)
+    profile = getattr(args, "profile", None)
+    config = _load(args.config, profile)
     if args.command == "check-config":
         import msgspec
 
@@ -217,6 +222,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from monitor.logs import setup_logging
 
     setup_logging(config.logging.level)
+    if profile is not None:
+        import logging
+
+        logging.getLogger("monitor.cli").warning(
+            f"profile {profile!r}: short durations for a first look, not production statistics",
+            extra={"fields": {"windows.size_seconds": config.windows.size_seconds,
+                              "monitor.bootstrap_seconds": config.monitor.bootstrap_seconds,
+                              "monitor.attribution_seconds": config.monitor.attribution_seconds,
+                              "monitor.performance.period_seconds":
+                                  config.monitor.performance.period_seconds}})
     # `kill -USR1 <pid>` prints every thread's stack to stderr: the first thing to
     # look at when a daemon seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)

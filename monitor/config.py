@@ -283,8 +283,14 @@ class HttpConfig(_Section):
     #: Also require the token on /metrics, /status and /incidents (never on the probes
     #: /healthz and /readyz). Report links in alerts then need a proxy that adds it.
     protect_reads: bool = False
+    #: A request's line, headers and body must arrive within this long, or it is closed.
+    timeout_seconds: float = 10.0
+    #: Connections served at once; more are answered 503 without a thread each.
+    max_connections: int = 32
 
     def __post_init__(self) -> None:
+        _positive("http.timeout_seconds", self.timeout_seconds)
+        _positive("http.max_connections", self.max_connections)
         token = _secret_source(self, "http", "token")
         if token and self.allow_unauthenticated_actions:
             msg = "http.allow_unauthenticated_actions is true but a token is set (http.token_env/token_file)"
@@ -391,12 +397,20 @@ class MonitorConfig(_Section):
     #: this-many seconds of traffic (and of matured labels).
     bootstrap_seconds: int = 3600
     bootstrap_max_rows: int = 200_000
+    #: ... once it has at least this many predictions (and matured rows, for labels) ...
+    bootstrap_min_rows: int = 500
+    #: ... and, for the label reference, this many positive primary labels.
+    bootstrap_min_labels: int = 20
     #: ``<dir>/<model>/<version>/reference.json`` files, for deployments without MLflow.
     reference_dir: str | None = None
     #: Consecutive clean evaluations that resolve an incident.
     resolve_after: int = 3
     #: Labels not maturing for this long beyond the attribution window is an incident.
     labels_stall_seconds: int = 1800
+    #: An analysis stage (drift, join) with closed windows waiting and no progress for
+    #: this long is stalled: /readyz degrades, and a critical ``monitor_stalled``
+    #: incident pages (a wedged replica, a segment lost from the store).
+    stall_seconds: int = 900
     drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
     performance: PerformanceConfig = msgspec.field(default_factory=PerformanceConfig)
     sequential: SequentialConfig = msgspec.field(default_factory=SequentialConfig)
@@ -410,8 +424,13 @@ class MonitorConfig(_Section):
                    f"monitor.label_types {list(self.label_types)}")
             raise ValueError(msg)
         for name in ("attribution_seconds", "bootstrap_seconds", "bootstrap_max_rows",
-                     "resolve_after", "labels_stall_seconds"):
+                     "resolve_after", "labels_stall_seconds", "stall_seconds"):
             _positive(f"monitor.{name}", getattr(self, name))
+
+        for name in ("bootstrap_min_rows", "bootstrap_min_labels"):
+            if getattr(self, name) < 0:
+                msg = f"monitor.{name} must be >= 0, got {getattr(self, name)}"
+                raise ValueError(msg)
 
     @property
     def primary(self) -> str:
@@ -420,7 +439,7 @@ class MonitorConfig(_Section):
 
 #: Incident kinds a sink's ``kinds`` may name (monitor/incidents.py, docs/monitoring.md).
 ALERT_KINDS = ("feature_drift", "prediction_drift", "data_quality", "performance_drop",
-               "training_failed", "model_promoted", "model_rollback")
+               "training_failed", "model_promoted", "model_rollback", "monitor_stalled")
 
 
 class AlertSinkConfig(_Section):
@@ -624,7 +643,7 @@ class RetrainConfig(_Section):
     def __post_init__(self) -> None:
         # Never retrain on retraining's own outcomes.
         triggers = [k for k in ALERT_KINDS if k not in ("training_failed", "model_promoted",
-                                                        "model_rollback")]
+                                                        "model_rollback", "monitor_stalled")]
         unknown = sorted(set(self.incident_kinds) - set(triggers))
         if unknown:
             msg = f"retrain.incident_kinds: unknown kinds {unknown}; known: {triggers}"
@@ -778,8 +797,39 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[list[str], Any
     return out
 
 
-def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+#: ``driftloop run --profile trial``: durations short enough to see the first drift
+#: verdicts within about three minutes of traffic and the first label verdicts within
+#: about five (docs/configuration.md, "A first trial"), consistent with each other:
+#: windows of 10 s, a 2-minute reference bootstrap, clicks attributed for a minute,
+#: 1-minute drop-test periods. Too short for production statistics; keys the config
+#: file or the environment sets win over it.
+PROFILES: dict[str, dict[str, Any]] = {
+    "trial": {
+        "windows": {"size_seconds": 10, "allowed_lateness_seconds": 5, "idle_timeout_seconds": 30},
+        "monitor": {"bootstrap_seconds": 120, "bootstrap_min_rows": 200, "bootstrap_min_labels": 10,
+                    "attribution_seconds": 60, "labels_stall_seconds": 600, "resolve_after": 2,
+                    "stall_seconds": 300, "drift": {"min_rows": 200},
+                    "performance": {"period_seconds": 60}},
+    },
+}
+
+
+def _under(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` merged over ``base``, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _under(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None, *,
+                profile: str | None = None) -> Config:
     """Read, merge and validate the configuration.
+
+    Args:
+        profile: a name in `PROFILES`, laid under the file (what the file and the
+            environment say wins).
 
     Raises:
         ConfigError: with one message naming the missing file, the bad key (as
@@ -787,6 +837,9 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
     """
     data: dict[str, Any] = {}
     source = "defaults"
+    if profile is not None and profile not in PROFILES:
+        msg = f"--profile {profile!r} is not one of {sorted(PROFILES)}"
+        raise ConfigError(msg)
     if path is not None:
         source = str(path)
         try:
@@ -811,6 +864,8 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
             raise ConfigError(msg)
         data = loaded
 
+    if profile is not None:
+        data = _under(PROFILES[profile], data)
     env_keys: dict[str, str] = {}
     for var, (keys, value) in _env_overrides(os.environ if environ is None else environ).items():
         if not keys:

@@ -111,7 +111,8 @@ class Daemon:
             config.http.host, config.http.port, healthy=self._healthy, ready=self._readiness,
             status=self.status, registry=self.metrics.registry,
             pages={"/incidents": self._incident_page}, actions={"/retrain": self._retrain_request},
-            action_token=action_token, protect_reads=config.http.protect_reads)
+            action_token=action_token, protect_reads=config.http.protect_reads,
+            timeout_s=config.http.timeout_seconds, max_connections=config.http.max_connections)
         self._pages_lock = threading.Lock()
         self._pages_state: StateStore | None = None
         self.alerting = _alerting(config, self.metrics, self.http.port, self._render_report)
@@ -212,8 +213,8 @@ class Daemon:
             msg = f"kafka: {exc}"
             raise ConfigError(msg) from None
         except KafkaError as exc:
-            log.warning("cannot reach Kafka to check the topics, retrying", extra={"fields": {
-                "error": str(exc), "retry_in_s": self._backoff}})
+            log.warning("cannot reach Kafka, retrying", extra={"fields": {
+                "error": str(exc), "retry_in_s": self._backoff, "while": "checking the topics"}})
             self._stop.wait(self._backoff)
             self._backoff = min(self._backoff * 2, 10.0)
             return
@@ -222,7 +223,7 @@ class Daemon:
         largest = max(limits.get(t) or DEFAULT_MAX_MESSAGE_BYTES for t in self.topics)
         self.dead_letters.limit_to(dlq, largest)
         status: dict[str, Any] = {"created": list(report.created), "max_message_bytes": dict(limits)}
-        if dlq < largest + DEAD_LETTER_OVERHEAD:
+        if dlq < largest:
             fix = (f"kafka-configs.sh --bootstrap-server {k.bootstrap_servers} --alter --entity-type "
                    f"topics --entity-name {k.dead_letter_topic} --add-config "
                    f"max.message.bytes={largest + DEAD_LETTER_OVERHEAD}")
@@ -489,6 +490,7 @@ class Daemon:
         while not self._stop.is_set():
             self._analysis_wakeup.wait(timeout=idle)
             self._analysis_wakeup.clear()
+            failed = False
             try:
                 if self._is_leader and not self.analysis.leader:
                     self._take_epoch()
@@ -498,16 +500,28 @@ class Daemon:
                     pass
                 self.analysis.last_error = None
                 backoff = 1.0
-            except NotYet:
-                continue
+            except NotYet as exc:
+                # Normally gone by the next step; if it is not (a segment lost from the
+                # store), the watch below reports the stage as stalled, with this.
+                self.analysis.last_error = repr(exc)
             except FencedOut as exc:
                 self._fenced_out(exc)
                 return
             except Exception as exc:
+                failed = True
                 self.metrics.analysis_failures.inc()
                 self.analysis.last_error = repr(exc)
                 log.exception("analysis step failed; retrying", extra={"fields": {
                     "retry_in_s": backoff}})
+            try:
+                self.analysis.watch()
+            except FencedOut as exc:
+                self._fenced_out(exc)
+                return
+            except Exception as exc:
+                log.warning("cannot check the analysis stages' progress", extra={"fields": {
+                    "error": repr(exc)}})
+            if failed:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 60.0)
 
@@ -558,6 +572,9 @@ class Daemon:
         consumer = self._consumer
         if consumer is None or not consumer.assignment():
             return False, "no partition assigned (joining the group, or more replicas than partitions)"
+        stalls = {} if self.analysis is None else dict(self.analysis.stalls)
+        if stalls:
+            return False, "degraded: " + "; ".join(stalls.values())
         return True, "ok"
 
     def status(self) -> dict[str, Any]:
@@ -768,6 +785,9 @@ def _analysis(config: Config, metrics: Metrics, store: FeedbackStore | None = No
         period_ms=m.performance.period_seconds * 1000,
         bootstrap_ms=m.bootstrap_seconds * 1000,
         bootstrap_max_rows=m.bootstrap_max_rows,
+        bootstrap_min_rows=m.bootstrap_min_rows,
+        bootstrap_min_labels=m.bootstrap_min_labels,
+        stall_ms=m.stall_seconds * 1000,
         resolve_after=m.resolve_after,
         drift=m.drift.spec(),
         performance=m.performance.spec(),

@@ -185,7 +185,7 @@ def daemon_config(spec: LoopSpec, *, kafka: str, topics: dict[str, str], trackin
             # Watch the new champion for about a minute of traffic.
             "watch_events": int(spec.rate * 60),
             "poll_seconds": 2.0,
-            # The latency guardrail times both models in the job, one after the other, at
+            # The latency guardrail times both models in the job, in turns, at
             # ~5 ms per 1,000 rows; beside the recommender, Kafka and the daemon on two cores
             # that varies twofold for the very same architecture (measured: 4.8 vs 10.0 ms,
             # and the gate kept a challenger 0.26 AUC better as "too slow").

@@ -110,6 +110,22 @@ def dedupe_predictions(table: pa.Table) -> tuple[pa.Table, int]:
     return table.take(pa.array(rows)), n - len(rows)
 
 
+def _dedupe_feedback(table: pa.Table) -> tuple[pa.Table, int]:
+    """The first row of each (prediction_id, type, ts), and how many others there were."""
+    n = table.num_rows
+    if n == 0:
+        return table, 0
+    keys = table.select(["prediction_id", "type", "ts"])
+    if pa.types.is_dictionary(keys.column("type").type):
+        keys = keys.set_column(1, "type", keys.column("type").cast(pa.string()))
+    indexed = keys.append_column("row", pa.array(np.arange(n)))
+    first = indexed.group_by(["prediction_id", "type", "ts"], use_threads=False).aggregate([("row", "min")])
+    if first.num_rows == n:
+        return table, 0
+    rows = np.sort(first.column("row_min").to_numpy())
+    return table.take(pa.array(rows)), n - len(rows)
+
+
 class FeedbackIndex:
     """The feedback windows that unjoined prediction windows may still match.
 
@@ -145,13 +161,18 @@ class FeedbackIndex:
     def __contains__(self, window_start_ms: int) -> bool:
         return window_start_ms in self._windows
 
-    def add(self, window_start_ms: int, table: pa.Table, *, count_unmatched: bool = True) -> None:
-        """Index one closed feedback window (columns prediction_id, type, ts)."""
+    def add(self, window_start_ms: int, table: pa.Table, *, count_unmatched: bool = True) -> int:
+        """Index one closed feedback window (columns prediction_id, type, ts); returns how
+        many producer duplicates it dropped.
+
+        A feedback event sent twice (the same prediction, type and time) is one event:
+        it labels its prediction once anyway, and must not count twice as unmatched."""
         types = table.column("type")
         if pa.types.is_dictionary(types.type):
             types = types.cast(pa.string())
         known = pc.is_in(types, value_set=pa.array(list(self.spec.label_types)))
         table = table.filter(known)
+        table, duplicates = _dedupe_feedback(table)
         codes = np.asarray(pc.index_in(table.column("type").cast(pa.string()),
                                        value_set=pa.array(list(self.spec.label_types))),
                            dtype=np.int8) if table.num_rows else np.zeros(0, np.int8)
@@ -160,6 +181,7 @@ class FeedbackIndex:
         self._windows[window_start_ms] = _FeedbackWindow(
             ids=ids, types=codes, ts=ts, matched=np.zeros(len(ts), dtype=bool),
             count_unmatched=count_unmatched)
+        return duplicates
 
     def evict_before(self, window_start_ms: int) -> None:
         """Drop windows that start before ``window_start_ms``, counting their unmatched feedback."""

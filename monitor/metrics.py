@@ -83,12 +83,24 @@ class Metrics:
         self.analysis_failures = Counter(
             "driftloop_analysis_failures_total",
             "Analysis steps that failed (retried on the next checkpoint).", registry=r)
+        self.stage_stalled = Gauge(
+            "driftloop_stage_stalled",
+            "1 while an analysis stage has closed windows waiting and has made no progress "
+            "for monitor.stall_seconds, by stage (drift, join).", ["stage"], registry=r)
+        self.stage_idle = Gauge(
+            "driftloop_stage_idle_seconds",
+            "How long an analysis stage has made no progress while windows were waiting.",
+            ["stage"], registry=r)
         self.analysis_lag = Gauge(
             "driftloop_analysis_lag_seconds",
             "Closed but not yet analysed event time, by stage.", ["stage"], registry=r)
         self.duplicate_predictions = Counter(
             "driftloop_duplicate_predictions_total",
             "Predictions whose prediction_id repeated within a window (counted once).",
+            registry=r)
+        self.duplicate_feedback = Counter(
+            "driftloop_duplicate_feedback_total",
+            "Feedback events repeated with the same prediction, type and time (counted once).",
             registry=r)
         self.feedback_unmatched = Counter(
             "driftloop_feedback_unmatched_total",

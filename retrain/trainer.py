@@ -31,6 +31,7 @@ from scipy.stats import rankdata
 from retrain.ctr import FeatureSpec
 
 __all__ = [
+    "FINE_TUNE_CALIBRATION_FRACTION",
     "TRAINING_ERROR_REASONS",
     "EpochMetrics",
     "FitResult",
@@ -52,6 +53,11 @@ TRAINING_ERROR_REASONS = (
     "deadline",          # the deadline passed before a single epoch finished
     "all_trials_failed",  # retrain/search.py: every trial raised
 )
+
+
+#: The training rows a fine-tune holds out for recalibration unless the params say
+#: otherwise (retrain/ctr_trainer.py says why fine-tunes, and why this share).
+FINE_TUNE_CALIBRATION_FRACTION = 0.15
 
 
 class TrainingError(Exception):
@@ -125,6 +131,10 @@ class FitResult:
         device: where it trained (``cpu``, ``cuda``, ``cuda:1``).
         params: the effective hyperparameters as plain JSON values (after defaults,
             and after a warm start imposed the champion's architecture).
+        calibration: what a trainer's recalibration did, as numbers for the run's
+            metrics (the reference trainer: the calibration slice's ``rows`` and
+            ``positives``, the fitted ``scale`` and ``bias``, and observed / expected
+            positives on the slice ``before`` and ``after``); None when there was none.
     """
 
     model: ScoringModel
@@ -135,6 +145,7 @@ class FitResult:
     stop_reason: str
     device: str
     params: Mapping[str, Any]
+    calibration: Mapping[str, float] | None = None
 
 
 @runtime_checkable
@@ -201,6 +212,10 @@ class TrainParams:
             ``CTRTrainer``). Ignored on a warm start.
         exclude: columns that are neither contract columns nor features (other label
             types, dwell values, join bookkeeping) when features are inferred.
+        calibration_fraction: the newest share of the training rows held out of the
+            gradient steps to recalibrate the fitted model on (``CTRTrainer``); 0 turns
+            recalibration off. None: :data:`FINE_TUNE_CALIBRATION_FRACTION` on a warm
+            start, 0 from scratch.
 
     Example:
         >>> TrainParams.from_mapping({"lr": 1e-3, "hidden": [32]}).hidden
@@ -220,6 +235,7 @@ class TrainParams:
     buckets: int = 2**16
     features: FeatureSpec | None = None
     exclude: tuple[str, ...] = ()
+    calibration_fraction: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(self.hidden))
@@ -252,6 +268,16 @@ class TrainParams:
         if self.features is not None and not isinstance(self.features, FeatureSpec):
             msg = f"features must be a FeatureSpec or None, got {self.features!r}"
             raise TypeError(msg)
+        f = self.calibration_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 <= f < 0.5):
+            msg = f"calibration_fraction must be None or in [0, 0.5), got {f!r}"
+            raise ValueError(msg)
+
+    def resolved_calibration_fraction(self, *, warm_start: bool) -> float:
+        """The share of training rows a fit holds out for recalibration (see the field)."""
+        if self.calibration_fraction is not None:
+            return float(self.calibration_fraction)
+        return FINE_TUNE_CALIBRATION_FRACTION if warm_start else 0.0
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> TrainParams:

@@ -127,6 +127,34 @@ def _leaders(daemons: list[DaemonProcess]) -> list[str]:
     return out
 
 
+def _assignments(daemons: list[DaemonProcess]) -> list[set[str]]:
+    return [set((d.status() or {}).get("assignment", [])) for d in daemons]
+
+
+def _wait_for_the_group(daemons: list[DaemonProcess], timeout: float = 120) -> list[set[str]]:
+    """Until the group has settled: every partition of both topics assigned, each
+    replica holding some, none held twice, and the same assignment two polls running.
+
+    Events produced before that would go to whoever joined first: it can read all of
+    them before the next rebalance hands the others their share, and then a replica
+    stores no windows at all.
+    """
+    previous: list[set[str]] | None = None
+
+    def settled() -> list[set[str]] | None:
+        nonlocal previous
+        for d in daemons:
+            assert d.proc is not None and d.proc.poll() is None, d.tail()
+        now = _assignments(daemons)
+        shared = (all(now) and sum(map(len, now)) == 2 * PARTITIONS
+                  and len(set.union(*now)) == 2 * PARTITIONS)
+        stable, previous = shared and now == previous, now
+        return now if stable else None
+
+    assigned: list[set[str]] = wait_until(settled, timeout, "the group to share the partitions", every=0.5)
+    return assigned
+
+
 def _summaries(state_path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
     """(stage, window) -> merged statistics of every replica's summaries."""
     store = SummaryStore(state_path, group_id=_group(state_path))
@@ -230,7 +258,6 @@ def test_three_replicas_compute_what_one_daemon_computes_with_exactly_one_leader
     where = state_url
     topics = _topics(kafka_bootstrap)
     preds, fbs = drifting_world(DURATION, 2_000, SHIFT, seed=5)
-    _produce(kafka_bootstrap, topics, preds, fbs)
     last_ts = preds[-1][0]
 
     shared = tmp_path / "cluster"
@@ -244,6 +271,10 @@ def test_three_replicas_compute_what_one_daemon_computes_with_exactly_one_leader
     try:
         for r in replicas:
             r.wait_ready()
+        # The stream starts once the partitions are shared, as a live one would run
+        # into a group that is up; the yardstick below reads the same topics.
+        _wait_for_the_group(replicas)
+        _produce(kafka_bootstrap, topics, preds, fbs)
 
         done = Settled(where, last_ts)
 
@@ -254,7 +285,7 @@ def test_three_replicas_compute_what_one_daemon_computes_with_exactly_one_leader
             return done()
 
         wait_until(settled, 300, "the replicas to settle", every=0.5)
-        assignments = [set((r.status() or {}).get("assignment", [])) for r in replicas]
+        assignments = _assignments(replicas)
         for r in replicas:
             assert r.terminate() == 0, r.tail()
     finally:

@@ -81,3 +81,30 @@ def test_check_config_prints_the_resolved_config(tmp_path: Path) -> None:
     proc = run_cli("check-config", "--config", str(cfg))
     assert proc.returncode == 0, proc.stderr
     assert '"instance_id": "box-1"' in proc.stdout
+
+
+def test_the_trial_profile_shortens_the_first_verdicts_and_the_file_still_wins(tmp_path: Path) -> None:
+    """A first look with the defaults showed no drift analysis for an hour and no label
+    analysis for 1.5 hours; the trial profile brings both within minutes, consistently."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("windows:\n  size_seconds: 30\nmonitor:\n  performance:\n    alpha: 0.05\n")
+    config = load_config(cfg, environ={"DRIFTLOOP__MONITOR__ATTRIBUTION_SECONDS": "90"}, profile="trial")
+    m = config.monitor
+    assert config.windows.size_seconds == 30  # the file wins
+    assert m.attribution_seconds == 90  # and the environment
+    assert m.performance.alpha == 0.05 and m.performance.period_seconds == 60  # merged, not replaced
+    assert m.bootstrap_seconds <= 180 and m.performance.period_seconds <= 120
+    # The first label verdict: a bootstrapped label reference, then one drop-test period.
+    first_labels_s = m.bootstrap_seconds + m.attribution_seconds + m.performance.period_seconds
+    assert first_labels_s <= 6 * 60
+    default = load_config(None, environ={}).monitor
+    assert (default.bootstrap_seconds + default.attribution_seconds
+            + default.performance.period_seconds) > 60 * 60
+    with pytest.raises(ConfigError, match="--profile 'nope'"):
+        load_config(None, environ={}, profile="nope")
+
+
+def test_check_config_applies_the_trial_profile(tmp_path: Path) -> None:
+    proc = run_cli("check-config", "--profile", "trial")
+    assert proc.returncode == 0, proc.stderr
+    assert '"size_seconds": 10' in proc.stdout

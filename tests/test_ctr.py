@@ -17,12 +17,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy.special import expit
 
 import retrain.ctr as ctr
 from retrain.ctr import (
     HASH_SCHEME,
     LOADER_FILE,
     Architecture,
+    Calibration,
     CTRModel,
     CTRNet,
     FeatureSpec,
@@ -37,13 +39,14 @@ DEVICES = ("ios", "android", "web")
 
 
 def synthetic_clicks(n: int, seed: int, *, world: str = "A", n_users: int = 2000,
-                     n_items: int = 300) -> pd.DataFrame:
+                     n_items: int = 300, shift: float = 0.0) -> pd.DataFrame:
     """Rows of a hidden logistic click model over users, items, two categoricals and
     three numerics (one with 5% missing), with a device x price interaction.
 
     The world's effects are fixed (the same for every ``seed``); ``seed`` draws the
     traffic and the clicks. World ``"B"`` is world A after a drift: new item effects and
-    the price slope reversed, same users, items and columns.
+    the price slope reversed, same users, items and columns. ``shift`` is added to
+    every logit: the click rate moves, what ranks above what does not.
     """
     g = np.random.default_rng(20_260_101)
     user_eff = g.normal(0, 0.8, n_users)
@@ -59,7 +62,7 @@ def synthetic_clicks(n: int, seed: int, *, world: str = "A", n_users: int = 2000
     log_price = r.normal(3.0, 0.8, n)
     age = r.integers(18, 80, n).astype(np.float64)
     is_new = r.random(n) < 0.2
-    logit = (-1.2 + user_eff[users] + item_eff[items] + country_eff[country] + device_eff[device]
+    logit = (-1.2 + shift + user_eff[users] + item_eff[items] + country_eff[country] + device_eff[device]
              + slope * (log_price - 3.0) + 0.6 * (device == 2) * (log_price - 3.0)
              + 0.02 * (age - 45.0) + 0.5 * is_new)
     click = (r.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int8)
@@ -334,3 +337,67 @@ def test_architecture_validation_names_the_value() -> None:
     with pytest.raises(ValueError, match="cross_layers must be >= 0, got -1"):
         Architecture(cross_layers=-1)
     assert math.isclose(Architecture.from_dict(Architecture().to_dict()).dropout, 0.1)
+
+
+# -- Calibration ---------------------------------------------------------------------------------
+
+def test_calibration_fit_recovers_a_known_scale_and_bias_and_matches_the_positives() -> None:
+    rng = np.random.default_rng(3)
+    z = rng.normal(0.0, 1.5, 20_000)
+    y = (rng.random(z.size) < expit(0.6 * z - 0.8)).astype(float)
+    c = Calibration.fit(z, y)
+    assert c.scale == pytest.approx(0.6, abs=0.05) and c.bias == pytest.approx(-0.8, abs=0.05)
+    # The intercept's score equation: expected positives equal the observed ones.
+    assert expit(c.apply(z)).sum() == pytest.approx(y.sum(), rel=1e-3)
+
+
+def test_a_calibration_never_reverses_the_ranking() -> None:
+    rng = np.random.default_rng(4)
+    z = rng.normal(0.0, 1.0, 5000)
+    y = (rng.random(z.size) < expit(-z - 1.0)).astype(float)  # the net ranks backwards
+    c = Calibration.fit(z, y)
+    assert c.scale == 1.0  # only the bias is fitted
+    assert expit(c.apply(z)).sum() == pytest.approx(y.sum(), rel=1e-2)
+
+
+def test_a_perfectly_separated_slice_still_gives_a_finite_calibration() -> None:
+    z = np.linspace(-2.0, 2.0, 200)
+    c = Calibration.fit(z, (z > 0).astype(float))
+    assert math.isfinite(c.scale) and c.scale > 1 and math.isfinite(c.bias)
+
+
+def test_calibration_validation_names_the_value() -> None:
+    with pytest.raises(ValueError, match="finite scale > 0"):
+        Calibration(scale=0.0)
+    with pytest.raises(ValueError, match="finite scale > 0"):
+        Calibration(bias=float("nan"))
+    with pytest.raises(ValueError, match=r"unknown keys \['temperature'\]"):
+        Calibration.from_dict({"scale": 1.0, "bias": 0.0, "temperature": 2.0})
+    assert Calibration().is_identity and not Calibration(bias=0.1).is_identity
+
+
+def test_a_calibrated_model_scores_saves_loads_and_folds_its_calibration(
+        model: CTRModel, frame: pd.DataFrame, tmp_path: Path) -> None:
+    cal = Calibration(scale=0.5, bias=-1.0)
+    calibrated = CTRModel(model.preprocessor, model.net, model.architecture, cal)
+    np.testing.assert_allclose(calibrated.predict(frame), expit(0.5 * model.logits(frame) - 1.0), rtol=1e-12)
+    np.testing.assert_allclose(model.predict(frame), expit(model.logits(frame)), rtol=1e-12)
+
+    calibrated.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "ctr.json").read_text())
+    assert config["calibration"] == {"scale": 0.5, "bias": -1.0}
+    back = CTRModel.load(tmp_path / "m")
+    assert back.calibration == cal
+    np.testing.assert_array_equal(back.predict(frame), calibrated.predict(frame))
+
+    # A format-1 directory (before calibrations) loads with the identity.
+    del config["calibration"]
+    (tmp_path / "m" / "ctr.json").write_text(json.dumps({**config, "format_version": 1}))
+    assert CTRModel.load(tmp_path / "m").calibration.is_identity
+
+    # Folded into the output layer, the net alone scores as the calibrated model does
+    # (a fine-tune starts from what the champion served).
+    net = CTRModel.build_net(model.preprocessor, model.architecture)
+    net.load_state_dict(calibrated.calibrated_state_dict())
+    np.testing.assert_allclose(CTRModel(model.preprocessor, net, model.architecture).predict(frame),
+                               calibrated.predict(frame), rtol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import doctest
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,7 @@ from retrain.evaluate import (
     calibration,
     compare,
     delong_test,
+    latencies_ms_per_1000,
     latency_ms_per_1000,
     log_loss,
     model_size_bytes,
@@ -270,6 +272,31 @@ def test_calibration_size_and_latency() -> None:
     assert latency_ms_per_1000(lambda f: f["x"].to_numpy() * 2, frame, 2) >= 0
     with pytest.raises(ValueError, match="empty frame"):
         latency_ms_per_1000(predict, frame.iloc[:0])
+
+
+def test_latencies_of_two_models_are_timed_in_turns() -> None:
+    """A burst of other work (here: the second and third timed calls) slows both models
+    alike, whichever order they come in, so neither median sees it."""
+    calls: list[str] = []
+    frame = pd.DataFrame({"x": [1.0]})
+    durations = iter([1.0, 1.0, 50.0, 50.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # ms per timed call
+    now = [0.0]
+
+    def timer() -> float:
+        return now[0]
+
+    def model(name: str) -> Callable[[pd.DataFrame], np.ndarray]:
+        def predict(f: pd.DataFrame) -> np.ndarray:
+            calls.append(name)
+            if len(calls) > 2:  # after the warm-up calls
+                now[0] += next(durations) / 1000.0
+            return np.zeros(len(f))
+        return predict
+
+    a, b = latencies_ms_per_1000([model("a"), model("b")], frame, 5, timer=timer)
+    warm_up, timed = calls[:2], calls[2:]
+    assert warm_up == ["a", "b"] and timed == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+    assert (a, b) == (pytest.approx(1.0), pytest.approx(1.0))
 
 
 # -- the report --------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors import events as events_module
 from connectors.events import (
+    MAX_DEPTH,
     EventKind,
     Feedback,
     Prediction,
@@ -21,6 +22,7 @@ from connectors.events import (
 )
 from connectors.schemas import json_schema
 from tests.events_gen import BASE_TS_MS, bad_predictions, encode, feedback, prediction
+from tests.fuzz_corpus import STORED, Draft, drafts, render_all, verdict
 
 MAX = 4096
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
@@ -152,3 +154,51 @@ def test_feature_struct_decoder_is_used_for_uniform_batches() -> None:
     with mock.patch.object(events_module, "_feature_decoder", lambda *a: None):
         generic = decode_batch(EventKind.PREDICTION, values, max_bytes=MAX)
     assert decode_batch(EventKind.PREDICTION, values, max_bytes=MAX).table.equals(generic.table)
+
+
+def _nested(event: bytes, depth: int) -> bytes:
+    """``event`` with an unknown field that makes the message ``depth`` levels deep."""
+    return event[:-1] + b',"extra":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, MAX_DEPTH + 1, 200])
+@pytest.mark.parametrize("kind", list(EventKind))
+def test_nesting_gets_the_same_verdict_in_a_clean_batch_and_beside_a_bad_record(
+        kind: EventKind, depth: int) -> None:
+    # A clean batch used to skip the depth check (msgspec skips unknown fields to any
+    # depth up to ~1,000): nested 33-200 levels, the record was stored there and
+    # rejected as too_deep beside a bad record.
+    make = prediction if kind is EventKind.PREDICTION else feedback
+    deep, good = _nested(encode(make(1, BASE_TS_MS)), depth), encode(make(2, BASE_TS_MS))
+    for values in ([deep], [good, deep, good], [good, deep, b"{"]):
+        batch = decode_batch(kind, values, max_bytes=MAX)
+        reasons = {f.index: f.reason for f in batch.failures}
+        if depth <= MAX_DEPTH:
+            assert 1 % len(values) in batch.index.tolist()
+        else:
+            assert reasons[1 % len(values)] is Reason.TOO_DEEP
+
+
+@pytest.mark.parametrize("neighbour", [None, 5, "text", 2**64])
+@pytest.mark.parametrize("sign", [b"", b"-"])
+def test_integer_feature_beyond_float64_is_non_finite_whatever_its_column(
+        neighbour: object, sign: bytes) -> None:
+    # 1 with 400 zeros is valid JSON; float() of it raised OverflowError, which made
+    # the record an internal_error (a driftloop bug), unlike 1e400 (non_finite).
+    big = sign + b"1" + b"0" * 400
+    huge = encode(prediction(1, BASE_TS_MS)).replace(b'"age":', b'"big":' + big + b',"age":')
+    other = {**prediction(2, BASE_TS_MS), "features": {"big": neighbour}}
+    others = [] if neighbour is None else [encode(other)]
+    batch = decode_batch(EventKind.PREDICTION, [huge, *others], max_bytes=MAX)
+    assert [(f.index, f.reason) for f in batch.failures] == [(0, Reason.NON_FINITE)]
+    assert batch.index.tolist() == list(range(1, 1 + len(others)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(list(EventKind)).flatmap(lambda k: st.lists(drafts(k), min_size=1, max_size=12)))
+def test_a_hostile_records_verdict_does_not_depend_on_its_batch(shapes: list[Draft]) -> None:
+    records = render_all(shapes, "b", BASE_TS_MS)
+    batch = decode_batch(records[0].kind, [r.value for r in records], max_bytes=MAX)
+    got = dict.fromkeys(batch.index.tolist(), STORED) | {f.index: f.reason.value for f in batch.failures}
+    assert [got[i] for i in range(len(records))] == [verdict(r, MAX) for r in records]
+    assert "internal_error" not in got.values()

@@ -58,6 +58,21 @@ def test_duplicate_feedback_is_one_label_and_feedback_can_serve_two_windows() ->
     assert idx.unmatched["click"] == 0
 
 
+def test_feedback_sent_twice_by_its_producer_counts_once_as_unmatched() -> None:
+    """Predictions are deduplicated; feedback duplicates used to count twice in
+    driftloop_feedback_unmatched_total."""
+    idx = FeedbackIndex(SPEC)
+    dropped = idx.add(0, _fb([("zz", "click", 5_000), ("zz", "click", 5_000), ("zz", "like", 5_000),
+                              ("a", "click", 6_000), ("a", "click", 6_000)]))
+    assert dropped == 2
+    for start in range(MIN, 4 * MIN, MIN):
+        idx.add(start, _fb([]))
+    joined = idx.join(0, pa.table({"prediction_id": ["a"], "ts": [1_000]}))
+    assert joined.labels["click"].tolist() == [True]
+    idx.evict_before(10 * MIN)
+    assert idx.unmatched == {"click": 1, "like": 1}
+
+
 def test_join_refuses_when_feedback_windows_are_missing() -> None:
     idx = _index([], range(0, 2 * MIN, MIN))
     with pytest.raises(KeyError, match="not indexed"):

@@ -15,11 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.special import expit
 
 import retrain.ctr_trainer as ctr_trainer
 from retrain.ctr import CTRModel, FeatureSpec
 from retrain.ctr_trainer import CTRTrainer, infer_features, resolve_device
+from retrain.evaluate import calibration
 from retrain.trainer import (
+    FINE_TUNE_CALIBRATION_FRACTION,
     EpochMetrics,
     ScoringModel,
     Trainer,
@@ -73,6 +76,8 @@ def test_train_params_validation_names_the_bad_value() -> None:
         TrainParams(warmup_fraction=1.0)
     with pytest.raises(ValueError, match=r"hidden sizes must be ints >= 1, got \(64, 0\)"):
         TrainParams(hidden=(64, 0))
+    with pytest.raises(ValueError, match=r"calibration_fraction must be None or in \[0, 0.5\), got 0.5"):
+        TrainParams(calibration_fraction=0.5)
     with pytest.raises(ValueError, match=r"unknown training params \['epochs', 'learning_rate'\]"):
         TrainParams.from_mapping({"learning_rate": 1e-3, "epochs": 3})
 
@@ -147,6 +152,52 @@ def test_warm_start_fine_tunes_to_a_shifted_world(world_a: dict[str, Any], tmp_p
     assert result.model.preprocessor == champion.preprocessor
     assert result.model.architecture == champion.architecture
     assert result.params["hidden"] == list(champion.architecture.hidden)
+
+
+def test_a_fine_tune_that_comes_out_miscalibrated_is_recalibrated_on_rows_it_did_not_train_on(
+        world_a: dict[str, Any], tmp_path: Path) -> None:
+    """The click rate falls (every logit 1.5 lower, what ranks above what unchanged), and
+    a gentle fine-tune (one epoch, lr 1e-3) keeps much of the champion's offset: it
+    predicts about 1.5 times the clicks that happen, outside the promotion gate's band.
+    The newest 15% of the training rows, held out of the gradient steps, bring the
+    holdout's observed / expected back to 1; the ranking is the net's."""
+    world_a["result"].model.save(tmp_path / "champion")
+    fresh = synthetic_clicks(32_000, seed=3, shift=-1.5)
+    holdout = synthetic_clicks(20_000, seed=4, shift=-1.5)
+    y = holdout["click"]
+    params = {**PARAMS, "lr": 1e-3, "max_epochs": 1, "batch_size": 1024}
+    train, val = fresh.iloc[:30_000], fresh.iloc[30_000:]
+
+    plain = _fit(train, val, params={**params, "calibration_fraction": 0.0}, warm_start=tmp_path / "champion")
+    assert plain.calibration is None and plain.model.calibration.is_identity
+    assert calibration(y, plain.model.predict(holdout)) < 0.8
+
+    tuned = _fit(train, val, params=params, warm_start=tmp_path / "champion")
+    raw, scores = expit(tuned.model.logits(holdout)), tuned.model.predict(holdout)
+    assert calibration(y, raw) < 0.8  # the same net without its calibration
+    assert 0.9 <= calibration(y, scores) <= 1.1, calibration(y, scores)
+    assert roc_auc(y, scores) == pytest.approx(roc_auc(y, raw), abs=1e-12)
+    assert tuned.params["calibration_fraction"] == FINE_TUNE_CALIBRATION_FRACTION
+    report = tuned.calibration
+    assert report is not None and report["rows"] == 4500  # the newest 15% of 30,000
+    assert report["before"] < 0.8 and report["after"] == pytest.approx(1.0, abs=0.01)
+    assert (report["scale"], report["bias"]) == (tuned.model.calibration.scale, tuned.model.calibration.bias)
+
+    tuned.model.save(tmp_path / "tuned")  # what is registered and served is the calibrated model
+    back = CTRModel.load(tmp_path / "tuned")
+    assert back.calibration == tuned.model.calibration
+    np.testing.assert_array_equal(back.predict(holdout), scores)
+
+
+def test_a_fit_from_scratch_is_recalibrated_only_when_asked(small: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    default = _fit(*small, params=TINY)
+    assert default.calibration is None and default.model.calibration.is_identity
+    assert default.params["calibration_fraction"] == 0.0
+    trainer = CTRTrainer()
+    asked = trainer.fit(*small, label="click", params={**TINY, "calibration_fraction": 0.2}, seed=0,
+                        device="cpu")
+    assert asked.calibration is not None and asked.calibration["rows"] == 500
+    assert trainer.state_dict()["fingerprint"]["rows"] == [2000, 500, 500]  # trained on the rest
 
 
 def test_early_stopping_restores_the_best_epoch_on_a_tiny_overfitting_set() -> None:
