@@ -9,6 +9,7 @@ minute 15 to 25, then the world returns to normal. Ingestion is the real Ingesto
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from monitor.drift import DriftSpec
 from monitor.incidents import Incident
 from monitor.ingest import Ingestor
 from monitor.join import JoinSpec
+from monitor.labels import LabelSummary
 from monitor.metrics import Metrics
 from monitor.performance import PerformanceSpec
 from monitor.windows import WindowSpec
@@ -251,3 +253,24 @@ def test_a_stationary_hour_raises_no_incident(tmp_path: Path) -> None:
     _feed(run, preds, fbs)
     assert run.analysis.status()["join_upto"] is not None
     assert [i.fingerprint for i in _incidents(run.analysis.state)] == []
+
+
+def test_a_sparse_start_is_no_label_reference(tmp_path: Path) -> None:
+    """A version's first bootstrap period held 9 rows and no click: its label reference
+    used to be those 9 rows (rate 0.0), which switched the CUSUM off for good. The
+    reference now waits for bootstrap_min_rows rows and bootstrap_min_labels clicks."""
+    preds, fbs = drifting_world(30 * MIN, RATE, SHIFT, seed=12)
+    quiet = BASE_TS_MS + SPEC.bootstrap_ms + 2 * MIN  # longer than a bootstrap period
+    early = [p for p in preds if p[0] < quiet]
+    preds = early[:: max(1, len(early) // 9)][:9] + [p for p in preds if p[0] >= quiet]
+    fbs = [f for f in fbs if f[0] >= quiet]
+    run = _start(tmp_path)
+    _feed(run, preds, fbs)
+    state = run.analysis.state
+    version = json.loads(state.monitor_value("version/ctr@7") or "{}")
+    assert version["label_ref_done"]
+    ref = LabelSummary.from_dict(version["label_ref"])
+    assert ref.n >= SPEC.bootstrap_min_rows
+    assert ref.positives["click"] >= SPEC.bootstrap_min_labels and 0 < ref.rate("click") < 1
+    kinds = {(i.kind, i.subject) for i in _incidents(state)}
+    assert ("performance_drop", "cusum:click") in kinds  # the sequential test is on
