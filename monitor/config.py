@@ -678,6 +678,9 @@ class PromotionConfig(_Section):
     confidence: float = 0.95
     max_logloss_increase: float = 0.0
     calibration_band: tuple[float, float] = (0.8, 1.25)
+    #: The challenger fails on calibration only when this confidence interval of its
+    #: ratio lies outside the band (retrain.promote.PromotionSpec.calibration_level).
+    calibration_level: float = 0.95
     max_size_ratio: float = 1.5
     max_latency_ratio: float = 2.0
     min_auc: float = 0.55
@@ -723,7 +726,8 @@ class PromotionConfig(_Section):
 
         return PromotionSpec(min_auc_gain=self.min_auc_gain, confidence=self.confidence,
                              max_logloss_increase=self.max_logloss_increase,
-                             calibration_band=self.calibration_band, max_size_ratio=self.max_size_ratio,
+                             calibration_band=self.calibration_band,
+                             calibration_level=self.calibration_level, max_size_ratio=self.max_size_ratio,
                              max_latency_ratio=self.max_latency_ratio, min_auc=self.min_auc)
 
 

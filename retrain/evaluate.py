@@ -122,15 +122,16 @@ def calibration_interval(positives: int, expected: float, level: float = 0.95) -
     independent Bernoulli labels whose mean is ``r * E`` for a model off by the
     factor ``r``. So an interval for the count's mean, divided by ``E``, is one for
     ``r``. The exact Poisson interval is the one for such a count that is also right
-    at the small counts a holdout of a few thousand rows has (a normal or score
-    interval on 20 clicks is not), and it errs only on the safe side: the Bernoulli
+    at the small counts a holdout of a few thousand rows has (a normal interval on
+    20 clicks is not), and it errs only on the safe side: the Bernoulli
     sum's variance, ``sum q (1 - q)``, is below the Poisson's ``sum q``, so the
     interval is a little wider than it needs to be (by about ``1 / sqrt(1 - rate)``:
     3% at a 6% click rate, 7% at the demo's 12%), and a gate that rejects only
     when the whole interval is outside its band rejects a model exactly at the
-    band's edge at most ``(1 - level) / 2`` of the time, a calibrated one less still.
-    The Garwood interval's own coverage is at least ``level`` for every mean (it
-    inverts two exact one-sided tests).
+    band's edge at most ``(1 - level) / 2`` of the time, a calibrated one less still
+    (tests/test_promote.py measures both on simulated holdouts). For a Poisson count
+    the Garwood interval's coverage is at least ``level`` at every mean (it inverts
+    two exact one-sided tests; tests/test_evaluate.py sums it exactly).
 
     Example:
         >>> lo, hi = calibration_interval(90, 90.0)

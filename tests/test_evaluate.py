@@ -7,27 +7,33 @@ on simulated scorers with fixed seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import itertools
+import json
 import math
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import poisson
 
 import retrain.evaluate
 from retrain.evaluate import (
     EvaluationReport,
     HoldoutWindow,
+    ModelMetrics,
     ModelScores,
     PairedTest,
     _bootstrap_counts,
     _weighted_auc,
     auc,
     calibration,
+    calibration_interval,
     compare,
     delong_test,
+    holdout_metrics,
     latencies_ms_per_1000,
     latency_ms_per_1000,
     log_loss,
@@ -274,6 +280,64 @@ def test_calibration_size_and_latency() -> None:
         latency_ms_per_1000(predict, frame.iloc[:0])
 
 
+def test_the_calibration_interval_is_the_exact_poisson_interval_over_the_expected_count() -> None:
+    # Garwood's limits for 10 events at 95% (the tabulated 4.795-18.390), over 8 expected.
+    lo, hi = calibration_interval(10, 8.0)
+    assert (lo * 8, hi * 8) == (pytest.approx(4.7954, abs=1e-4), pytest.approx(18.3904, abs=1e-4))
+    # No event: the lower limit is 0, the upper -ln(0.025).
+    assert calibration_interval(0, 2.0) == (0.0, pytest.approx(-math.log(0.025) / 2))
+    assert calibration_interval(40, 40.0, 0.5)[1] < calibration_interval(40, 40.0, 0.95)[1]
+    assert all(math.isnan(b) for b in calibration_interval(3, 0.0))
+    with pytest.raises(ValueError, match=r"level must be in \(0, 1\), got 1.0"):
+        calibration_interval(3, 2.0, 1.0)
+    with pytest.raises(ValueError, match="positives must be a count >= 0, got -1"):
+        calibration_interval(-1, 2.0)
+
+
+@pytest.mark.parametrize("level", [0.8, 0.95])
+def test_the_calibration_interval_covers_the_true_mean_at_least_at_its_level(level: float) -> None:
+    """Exact coverage, summed over the Poisson distribution (no simulation), for means
+    from a handful of clicks to a few hundred: never below the level, and each side
+    misses at most (1 - level) / 2."""
+    for mean in np.linspace(0.5, 400.0, 120):
+        k = np.arange(int(mean + 12 * math.sqrt(mean) + 30))
+        pmf = poisson.pmf(k, mean)
+        bounds = np.array([calibration_interval(int(i), 1.0, level) for i in k])
+        above, below = pmf[bounds[:, 0] > mean].sum(), pmf[bounds[:, 1] < mean].sum()
+        assert above <= (1 - level) / 2 + 1e-9 and below <= (1 - level) / 2 + 1e-9, (mean, above, below)
+
+
+def test_model_metrics_carry_the_calibration_counts_and_old_ones_still_decode() -> None:
+    y = np.array([0, 1, 1, 0, 0, 1, 0, 0])
+    p = np.array([0.1, 0.6, 0.4, 0.2, 0.1, 0.5, 0.3, 0.2])
+    m = compare(y, ModelScores(p), None, model="ctr", window=HoldoutWindow(0, 1)).challenger
+    assert (m.positives, m.rows) == (3, 8) and m.expected_positives == pytest.approx(2.4)
+    assert m.calibration == pytest.approx(m.positives / m.expected_positives)  # type: ignore[operator]
+    assert m.calibration_interval(0.95) == calibration_interval(3, m.expected_positives, 0.95)  # type: ignore[arg-type]
+    assert ModelMetrics.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+    # Written before the counts were kept: no such keys at all; they decode as None.
+    old = {k: v for k, v in m.to_dict().items() if k not in ("positives", "expected_positives", "rows")}
+    back = ModelMetrics.from_dict(old)
+    assert (back.positives, back.expected_positives, back.rows) == (None, None, None)
+    assert back == dataclasses.replace(m, positives=None, expected_positives=None, rows=None)
+    assert back.calibration_interval(0.95) is None
+    assert ModelMetrics.from_dict(json.loads(json.dumps(back.to_dict()))) == back
+    h = holdout_metrics(y, p)
+    assert (h["positives"], h["rows"]) == (3.0, 8.0) and h["expected_positives"] == pytest.approx(2.4)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"positives": -1}, "positives must be a count >= 0, got -1"),
+    ({"rows": 2.5}, "rows must be a count >= 0, got 2.5"),
+    ({"positives": 9, "rows": 8}, r"positives \(9\) must be <= rows \(8\)"),
+    ({"expected_positives": math.nan}, "expected_positives must be a finite number >= 0, got nan"),
+    ({"expected_positives": -0.5}, "expected_positives must be a finite number >= 0, got -0.5"),
+])
+def test_model_metrics_validate_the_counts(change: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ModelMetrics(version=None, auc=0.7, log_loss=0.3, calibration=1.0, mean_score=0.1, **change)
+
+
 def test_latencies_of_two_models_are_timed_in_turns() -> None:
     """A burst of other work (here: the second and third timed calls) slows both models
     alike, whichever order they come in, so neither median sees it."""
@@ -317,10 +381,15 @@ def test_the_report_compares_two_models_and_round_trips_through_json() -> None:
     assert report.challenger.ndcg_at_k > report.champion.ndcg_at_k  # type: ignore[operator]
     back = EvaluationReport.from_json(report.to_json())
     assert back == report
+    assert back.challenger.positives == report.positives == int(y.sum())
+    assert back.challenger.expected_positives == pytest.approx(float(sigmoid(a - 1.5).sum()))
+    assert back.champion is not None and back.champion.rows == 3000
     m = report.metrics()
     assert m["eval.auc_diff"] == pytest.approx(report.auc_test.diff)
     assert m["eval.auc_p"] == pytest.approx(report.auc_test.p_one_sided)
     assert m["eval.logloss_diff"] < 0 and m["eval.champion_size_bytes"] == 900
+    assert m["eval.expected_positives"] == pytest.approx(report.challenger.expected_positives)
+    assert m["eval.champion_expected_positives"] == pytest.approx(report.champion.expected_positives)
 
 
 def test_a_report_without_a_champion_and_undefined_numbers_travel_as_null() -> None:

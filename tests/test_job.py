@@ -90,6 +90,13 @@ def test_a_job_registers_a_version_with_its_metadata_that_scores_by_alias_in_a_f
     assert report.rows == window_doc["sizes"]["holdout"] and 0 < report.positives < report.rows
     assert report.window.start_ms == window_doc["holdout_start_ms"] <= report.window.end_ms < window[1]
     assert report.challenger.auc == pytest.approx(float(tags["driftloop.holdout_auc"]), rel=1e-5)
+    # The counts the calibration ratio is made of, which the gate's interval needs.
+    c = report.challenger
+    assert (c.positives, c.rows) == (report.positives, report.rows)
+    assert float(tags["driftloop.holdout_positives"]) == report.positives
+    expected_tag = float(tags["driftloop.holdout_expected_positives"])
+    assert c.expected_positives == pytest.approx(expected_tag, rel=1e-5)
+    assert c.calibration == pytest.approx(report.positives / c.expected_positives)  # type: ignore[operator]
     assert (report.challenger.size_bytes or 0) > 10_000 and (report.challenger.latency_ms_per_1000 or 0) > 0
     assert report.challenger.ndcg_at_k is None  # the simulated recommender sends no request ids
     assert run["metrics"]["eval.auc"] == pytest.approx(report.challenger.auc)

@@ -210,6 +210,9 @@ def test_the_gate_promotes_exactly_when_the_lower_bound_beats_the_margin_and_no_
     ({"max_logloss_increase": -1.0}, "max_logloss_increase must be >= 0, got -1.0"),
     ({"calibration_band": (1.1, 1.3)}, r"0 < low <= 1 <= high, got \(1.1, 1.3\)"),
     ({"calibration_band": (0.9,)}, r"\(low, high\), got \(0.9,\)"),
+    ({"calibration_level": 1.0}, r"calibration_level must be in \(0, 1\), got 1.0"),
+    ({"calibration_level": 0.0}, r"calibration_level must be in \(0, 1\), got 0.0"),
+    ({"calibration_level": math.inf}, "calibration_level must be a finite number, got inf"),
     ({"max_size_ratio": 0.5}, "max_size_ratio must be >= 1, got 0.5"),
     ({"max_latency_ratio": 0.9}, "max_latency_ratio must be >= 1, got 0.9"),
     ({"latency_slack_ms": -1}, "latency_slack_ms must be >= 0, got -1"),
@@ -222,14 +225,153 @@ def test_the_promotion_spec_names_the_bad_value(kw: dict[str, Any], match: str) 
 
 
 def test_the_spec_and_the_gate_state_round_trip() -> None:
-    spec = PromotionSpec(min_auc_gain=0.01, calibration_band=[0.9, 1.1])  # type: ignore[arg-type]
+    spec = PromotionSpec(min_auc_gain=0.01, calibration_band=[0.9, 1.1],  # type: ignore[arg-type]
+                         calibration_level=0.9)
     assert spec.calibration_band == (0.9, 1.1)
+    assert spec.to_dict()["calibration_level"] == 0.9
     assert PromotionSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    # Settings written before the level existed still load, at the default.
+    old = {k: v for k, v in spec.to_dict().items() if k != "calibration_level"}
+    assert PromotionSpec.from_dict(old).calibration_level == PromotionSpec().calibration_level == 0.95
     gate = Gate()
     gate.load_state_dict(Gate(spec).state_dict())
     assert gate.spec == spec
     with pytest.raises(ValueError, match=r"unknown promotion settings \['margin'\]"):
         PromotionSpec.from_dict({"margin": 0.1})
+
+
+# -- the calibration check: an interval, not a point --------------------------------------------
+
+
+def counted(version: str | None, positives: int, expected: float, rows: int = 3000) -> ModelMetrics:
+    """Metrics with the counts the calibration ratio is made of (what :func:`compare` writes)."""
+    return dataclasses.replace(metrics(version, calibration=positives / expected), positives=positives,
+                               expected_positives=expected, rows=rows)
+
+
+def calibration_check(challenger: ModelMetrics, champion: ModelMetrics | None = None,
+                      spec: PromotionSpec | None = None) -> Any:
+    if champion is None:
+        report = EvaluationReport(model="ctr", window=HoldoutWindow(0, 1), rows=3000, positives=90,
+                                  challenger=challenger)
+    else:
+        report = EvaluationReport(model="ctr", window=HoldoutWindow(0, 1), rows=3000, positives=90,
+                                  challenger=challenger, champion=champion,
+                                  auc_test=paired("delong", 0.02, 0.004),
+                                  logloss_test=paired("bootstrap:log_loss", -0.01, 0.002))
+    d = Gate(spec or PromotionSpec()).decide(report)
+    (check,) = [c for c in d.checks if c.name == "calibration"]
+    return d, check
+
+
+@pytest.mark.parametrize("positives, expected, champion, passed, detail", [
+    # The demo's size: 121 clicks on 90 expected is 1.344, outside the band, but a
+    # holdout this small cannot tell it from 1.25.
+    (121, 90.0, None, True,
+     r"^calibration 1.344 \(95% CI 1.116-1.606\) outside band \[0.8, 1.25\] within noise "
+     r"\(the interval reaches the band\)$"),
+    (92, 90.0, None, True, r"^calibration 1.022 \(95% CI 0.824-1.254\) inside band \[0.8, 1.25\]$"),
+    # Demonstrably outside: the whole interval is above the band.
+    (212, 140.0, None, False, r"^calibration 1.514 \(95% CI 1.317-1.732\) outside band \[0.8, 1.25\]$"),
+    (212, 140.0, (102, 100.0), False,
+     r"^calibration 1.514 \(95% CI 1.317-1.732\) outside band \[0.8, 1.25\] \(worse than the "
+     r"champion's 1.020\)$"),
+    # The escape is the same as ever: a champion further from 1 (point estimates).
+    (212, 140.0, (240, 140.0), True,
+     r"^calibration 1.514 \(95% CI 1.317-1.732\) outside band \[0.8, 1.25\] \(no worse than the "
+     r"champion's 1.714\)$"),
+    # Below the band: 300 clicks where 500 were predicted.
+    (300, 500.0, None, False, r"^calibration 0.600 \(95% CI 0.534-0.672\) outside band \[0.8, 1.25\]$"),
+])
+def test_the_calibration_check_fails_only_an_interval_outside_the_band(
+        positives: int, expected: float, champion: tuple[int, float] | None, passed: bool,
+        detail: str) -> None:
+    champ = None if champion is None else counted("1", *champion)
+    d, check = calibration_check(counted(None, positives, expected), champ)
+    assert check.passed is passed and re.search(detail, check.detail), check.detail
+    assert check.value == pytest.approx(positives / expected) and check.threshold == (0.8, 1.25)
+    assert (check.detail in d.reason) is (not passed or d.promote)
+    if not passed:
+        assert d.code == "calibration_out_of_band"
+
+
+def test_the_calibration_level_is_the_intervals() -> None:
+    """A lower level is a narrower interval: 150 clicks on 112 expected (1.339) is
+    within noise at 95% and demonstrably outside the band at 50%."""
+    m = counted(None, 150, 112.0)
+    assert calibration_check(m)[1].passed
+    _, check = calibration_check(m, spec=PromotionSpec(calibration_level=0.5))
+    assert not check.passed
+    assert check.detail == "calibration 1.339 (50% CI 1.264-1.421) outside band [0.8, 1.25]"
+
+
+def test_metrics_without_counts_are_judged_by_the_point_rule() -> None:
+    """A report from before the counts were kept: the ratio alone, as it always was."""
+    old = metrics(None, calibration=1.344)
+    assert old.positives is None and old.calibration_interval(0.95) is None
+    _, check = calibration_check(old)
+    assert not check.passed and check.detail == "calibration 1.344 outside band [0.8, 1.25]"
+    # Nothing expected (every score 0): the ratio is undefined and fails, counts or not.
+    zero = dataclasses.replace(metrics(None, calibration=math.nan), positives=3, expected_positives=0.0)
+    assert not calibration_check(zero)[1].passed
+
+
+def simulated_holdouts(seed: int, draws: int, rows: int, rate: float, ratio: float) -> tuple[np.ndarray, ...]:
+    """``draws`` holdouts of ``rows`` rows: a model's scores ``p`` (Beta-distributed around
+    ``rate``) and labels drawn at ``ratio * p``, the true click probability. ``ratio`` 1: a
+    perfectly calibrated model. Returns the clicks and the expected clicks per holdout."""
+    rng = np.random.default_rng(seed)
+    p = rng.beta(2.0, 2.0 / rate - 2.0, size=(draws, rows))
+    y = rng.random((draws, rows)) < np.clip(ratio * p, 0.0, 1.0)
+    return y.sum(axis=1), p.sum(axis=1)
+
+
+def rejected_share(positives: np.ndarray, expected: np.ndarray, *, counts: bool) -> float:
+    """The share of holdouts whose first-champion gate fails the calibration check, with
+    the counts (the interval) or without them (the ratio alone, the old rule)."""
+    fails = 0
+    for o, e in zip(positives.tolist(), expected.tolist(), strict=True):
+        m = counted(None, int(o), float(e)) if counts else metrics(None, calibration=o / e)
+        fails += not calibration_check(m)[1].passed
+    return fails / len(positives)
+
+
+#: The demo's holdout: ~750 rows at a 12% click rate, ~90 clicks expected.
+DEMO_ROWS, DEMO_RATE = 750, 0.12
+
+
+def test_a_calibrated_model_on_a_small_holdout_is_not_rejected_for_noise() -> None:
+    """The false-rejection rate, on 4,000 seeded holdouts of a perfectly calibrated model
+    at the demo's size. The ratio alone rejects a few percent of them (the demo saw
+    "calibration 1.349 outside band"); the interval at most (1 - level) / 2."""
+    positives, expected = simulated_holdouts(11, 4000, DEMO_ROWS, DEMO_RATE, 1.0)
+    assert 85 < expected.mean() < 95
+    level = PromotionSpec().calibration_level
+    old = rejected_share(positives, expected, counts=False)
+    new = rejected_share(positives, expected, counts=True)
+    assert new <= (1 - level) / 2, new
+    # Measured: 2.2% (87 of 4,000) for the ratio alone, none for the interval.
+    assert old >= 0.015 and old >= new + 0.015 and old >= 4 * new, (old, new)
+
+
+@pytest.mark.parametrize("ratio", [1.25, 0.8])
+def test_a_model_at_the_bands_edge_is_rejected_at_most_half_the_complement_of_the_level(ratio: float) -> None:
+    """The size of each one-sided test: a model whose true ratio is exactly a band edge
+    is rejected at most (1 - level) / 2 of the time (the Poisson interval is conservative
+    for a sum of Bernoulli labels), where the point rule rejects about half of them."""
+    positives, expected = simulated_holdouts(12, 4000, DEMO_ROWS, DEMO_RATE, ratio)
+    new = rejected_share(positives, expected, counts=True)
+    assert new <= 0.025 + 0.005, new  # 4,000 draws: a Monte Carlo standard error of 0.25%
+    assert rejected_share(positives, expected, counts=False) > 0.4
+
+
+@pytest.mark.parametrize("ratio", [1.6, 1 / 1.6])
+def test_a_model_miscalibrated_by_1_6x_is_rejected(ratio: float) -> None:
+    """The power: labels at 1.6 times (or 1/1.6 of) the model's scores, ~400 expected
+    clicks per holdout (3,333 rows at 12%): rejected in at least 95% of 1,000 draws."""
+    positives, expected = simulated_holdouts(13, 1000, 3333, DEMO_RATE, ratio)
+    assert 390 < expected.mean() < 410
+    assert rejected_share(positives, expected, counts=True) >= 0.95
 
 
 # -- locks -------------------------------------------------------------------------------------
