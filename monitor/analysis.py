@@ -845,11 +845,12 @@ class Analysis:
 
     def _stall_reason(self, stage: str, idle_s: float, waiting: list[int]) -> str:
         why = ""
-        if self._waiting.get(stage):
+        others = [r for r in (self._waiting.get(stage) or {}).get("replicas", []) if r != self.instance]
+        if others:
             w = self._waiting[stage]
-            why = f"; waiting for the summaries of {', '.join(w['replicas'])} for window {w['window']}"
-        elif self.last_error:
-            why = f"; its last error: {self.last_error[:200]}"
+            why = f"; waiting for the summaries of {', '.join(others)} for window {w['window']}"
+        if self.last_error:
+            why += f"; the last error: {self.last_error[:200]}"
         idle = f"{idle_s:.0f} s" if idle_s < 120 else f"{idle_s / 60:.0f} min"
         return (f"{stage} analysis has made no progress for {idle} with "
                 f"{len(waiting)} closed window(s) waiting, from {_iso(waiting[0])}{why}")

@@ -526,6 +526,9 @@ class Daemon:
                 backoff = min(backoff * 2, 60.0)
 
     def _shutdown(self) -> None:
+        # Also when run() ends by an exception (a missing topic): the threads' loops
+        # end on the stop flag, not on the wake-up alone.
+        self._stop.set()
         self._analysis_wakeup.set()
         if self._analysis_thread.is_alive():
             self._analysis_thread.join(timeout=30)
