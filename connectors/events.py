@@ -282,6 +282,14 @@ def _decode_fast(
             pass
     if not _shallow(values):
         raise _SlowPath
+    # Unknown fields (producers may add them before the contract names them): shallow,
+    # so the features Struct may skip them; it refuses nothing the generic one accepts.
+    lenient = _feature_decoder(decode, values, strict=False) if kind is EventKind.PREDICTION else None
+    if lenient is not None:
+        try:
+            return [lenient[0](v) for v in values], lenient[1]  # type: ignore[misc]
+        except _FAST_ERRORS:
+            pass
     return [decode(v) for v in values], None  # type: ignore[return-value]
 
 
@@ -304,35 +312,38 @@ def _shallow(values: Sequence[bytes]) -> bool:
     return not any(too_deep(values[i], MAX_DEPTH) for i in np.flatnonzero(per_message > MAX_DEPTH))
 
 
-def _strict(struct: type[msgspec.Struct], name: str, **types: object) -> type[msgspec.Struct]:
-    """``struct`` refusing unknown fields, with the field types in ``types`` replaced."""
+def _strict(struct: type[msgspec.Struct], name: str, *, forbid: bool = True,
+            **types: object) -> type[msgspec.Struct]:
+    """``struct`` refusing unknown fields (unless not ``forbid``), with the field types in
+    ``types`` replaced."""
     return msgspec.defstruct(
         name, [(f.name, types.get(f.name, f.type)) if f.required
                else (f.name, types.get(f.name, f.type), f.default)
                for f in msgspec.structs.fields(struct)],
-        forbid_unknown_fields=True, frozen=True, gc=False)
+        forbid_unknown_fields=forbid, frozen=True, gc=False)
 
 
 _STRICT_FEEDBACK = (msgspec.json.Decoder(_strict(Feedback, "StrictFeedback")).decode, None)
 
 
 #: Feature key sets seen recently -> (decode, the keys in struct field order).
-_FEATURE_DECODERS: dict[frozenset[str], tuple[Callable[[bytes], Prediction], tuple[str, ...]]] = {}
+_FEATURE_DECODERS: dict[tuple[frozenset[str], bool],
+                        tuple[Callable[[bytes], Prediction], tuple[str, ...]]] = {}
 _MAX_FEATURE_DECODERS = 64
 
 
 def _feature_decoder(
-    decode: Callable[[bytes], Prediction], values: Sequence[bytes]
+    decode: Callable[[bytes], Prediction], values: Sequence[bytes], *, strict: bool = True
 ) -> tuple[Callable[[bytes], Prediction], tuple[str, ...]] | None:
     """A prediction decoder whose ``features`` is a Struct of the first event's keys.
 
     Decoding features into a dict, then transposing the dicts into columns, is about
     half of decode_batch's cost; a Struct with one field per key decodes faster and
     its fields make the columns directly. Its fields are exactly the first event's
-    keys, it refuses unknown keys (and unknown fields of the event, `_decode_fast`),
-    and a missing key reads as None (a null, as in a dict-built column), so whenever
-    every event of the batch decodes with it the columns are the ones the generic
-    decoder would give.
+    keys, it refuses unknown keys (and, when ``strict``, unknown fields of the event:
+    `_decode_fast`), and a missing key reads as None (a null, as in a dict-built
+    column), so whenever every event of the batch decodes with it the columns are the
+    ones the generic decoder would give.
     """
     if not values:
         return None
@@ -341,7 +352,7 @@ def _feature_decoder(
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
         return None
     keys = frozenset(first.features)
-    cached = _FEATURE_DECODERS.get(keys)
+    cached = _FEATURE_DECODERS.get((keys, strict))
     if cached is None:
         if not keys:
             return None
@@ -351,12 +362,12 @@ def _feature_decoder(
             features = msgspec.defstruct(
                 "Features", fields, rename=dict(zip([f[0] for f in fields], names, strict=True)),
                 forbid_unknown_fields=True, frozen=True, gc=False)
-            struct = _strict(Prediction, "PredictionWithFeatures", features=features)
+            struct = _strict(Prediction, "PredictionWithFeatures", forbid=strict, features=features)
         except (TypeError, ValueError):
             return None
         if len(_FEATURE_DECODERS) >= _MAX_FEATURE_DECODERS:
             _FEATURE_DECODERS.clear()
-        cached = _FEATURE_DECODERS[keys] = (msgspec.json.Decoder(struct).decode, names)
+        cached = _FEATURE_DECODERS[(keys, strict)] = (msgspec.json.Decoder(struct).decode, names)
     return cached
 
 
