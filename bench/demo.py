@@ -9,7 +9,7 @@ MLflow server shared by the seeds (a model name per seed):
    champion's hyperparameters) trained from scratch on 100k exploration impressions of
    the *drifted* world: what the same trainer reaches with all the new-world data it
    wants, instead of the 20 s the daemon's fine-tune gets.
-2. **The loop**, `monitor.demo.run_loop` headless, exactly as ``make demo`` runs it, with
+2. **The loop**, `monitor.demo.loop.run_loop` headless, exactly as ``make demo`` runs it, with
    the oracle scored in the shadow of every live request: for the same users and the same
    candidates, which slate it would have shown and its true click probability.
 
@@ -41,7 +41,7 @@ FIGURES = ("detect_s", "alert_s", "drop_s", "retrain_job_s", "promotion_s", "ser
 
 
 def _since(result: Any, name: str) -> float | None:
-    from monitor.demo import timeline
+    from monitor.demo.loop import timeline
 
     onset = result.onset_ms
     at = next((m.at_ms for m in timeline(result) if m.name == name), None)
@@ -54,9 +54,9 @@ def _echo(seed: int, line: str) -> None:
 
 
 def run_seed(seed: int, root: Path, tracking_uri: str) -> dict[str, Any]:
-    from connectors.kafka_local import LocalKafka, create_topics
-    from monitor import simulate
-    from monitor.demo import TOPICS, LoopSpec, ctr_figures, run_loop, timeline
+    from monitor.demo.loop import TOPICS, LoopSpec, ctr_figures, run_loop, timeline
+    from monitor.testbed import world as simulate
+    from monitor.testbed.local_kafka import LocalKafka, create_topics
 
     work = root / f"seed-{seed}"
     world = simulate.World(simulate.WorldSpec(seed=seed))
@@ -119,8 +119,8 @@ def main() -> None:
     args = ap.parse_args()
     seeds = args.seeds or ([1] if args.quick else [1, 2, 3, 4, 5])
 
-    from connectors.kafka_local import fetch
-    from connectors.mlflow_local import LocalMlflow
+    from monitor.testbed.local_kafka import fetch
+    from monitor.testbed.local_mlflow import LocalMlflow
 
     fetch()  # the one-time Maven download, before any clock starts
     rows = []

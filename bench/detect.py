@@ -5,7 +5,7 @@
 A Bernoulli click stream at ``p0 = 5%`` drops by 5%, 10% or 20% (relative: to 4.75%,
 4.5%, 4%). Side by side in one run, on the same streams:
 
-* ``driftloop adaptive``: ``monitor.sequential.AdaptiveBernoulliCUSUM(0.05, arl0=1e6)``
+* ``driftloop adaptive``: ``monitor.detectors.sequential.AdaptiveBernoulliCUSUM(0.05, arl0=1e6)``
   with its defaults, the detector the monitor runs (a mixture Shiryaev-Roberts
   statistic over the drops 5/10/20%: it adapts to the drop size);
 * ``driftloop CUSUM 10%``: ``BernoulliCUSUM(0.05, 0.045, 1e6)``, tuned to the 10% drop
@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.sequential import AdaptiveBernoulliCUSUM, BernoulliCUSUM, _lattice_steps, _threshold
+from monitor.detectors.sequential import AdaptiveBernoulliCUSUM, BernoulliCUSUM, _lattice_steps, _threshold
 
 REPO = Path(__file__).resolve().parents[1]
 RIVER_VERSION = "0.26.1"
@@ -297,7 +297,7 @@ def pagehinkley_threshold(delta: float, arl0: float) -> float:
 
     In mode "down" its statistic moves ``+(p0 - delta)`` on a non-click and
     ``-(1 - p0 + delta)`` on a click; with the integer steps of that ratio the
-    exact ARL gives the threshold (monitor.sequential's lattice solve). Its running
+    exact ARL gives the threshold (monitor.detectors.sequential's lattice solve). Its running
     mean, estimated since its last reset, adds false alarms: the grid goes above.
     """
     up_x, down_x = P0 - delta, 1.0 - P0 + delta

@@ -5,7 +5,7 @@
 Side by side in one run, on the same data files (``.npy``, written once to a
 temporary directory):
 
-* ``driftloop``: the reference :class:`~monitor.profile.Profile` is fitted
+* ``driftloop``: the reference :class:`~monitor.stats.profile.Profile` is fitted
   beforehand (not timed); the timed work is ``reference.summarise(window)``
   (counting the raw window) plus ``drift.compare`` (every test);
 * ``evidently`` 0.7.23: ``Report([DataDriftPreset()]).run(current, reference)``
@@ -310,7 +310,7 @@ class _DriftloopTool:
         sys.path.insert(0, str(REPO))
         import monitor
         from monitor import drift
-        from monitor.profile import Profile, ProfileSpec
+        from monitor.stats.profile import Profile, ProfileSpec
 
         self.data, self.drift, self.version = data, drift, getattr(monitor, "__version__", "0.1.0")
         spec = ProfileSpec(numeric=tuple(NUMERIC), categorical=tuple(CATEGORICAL))

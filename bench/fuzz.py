@@ -58,7 +58,7 @@ class Campaign:
     """The topics, the daemon and the books of one campaign."""
 
     def __init__(self, bootstrap: str, workdir: Path) -> None:
-        from connectors.kafka_local import create_topics
+        from monitor.testbed.local_kafka import create_topics
 
         tag = uuid.uuid4().hex[:8]
         self.bootstrap = bootstrap
@@ -168,7 +168,7 @@ def main() -> None:
     n = args.records or (600 if args.quick else 2000)
     load_before = os.getloadavg()
 
-    from connectors.kafka_local import LocalKafka
+    from monitor.testbed.local_kafka import LocalKafka
 
     with tempfile.TemporaryDirectory(prefix="driftloop-fuzz-") as scratch:
         tmp = args.workdir or Path(scratch)

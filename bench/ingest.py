@@ -139,7 +139,7 @@ def driftloop_daemon(bootstrap: str, topic: str, n: int, workdir: Path) -> dict[
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
 
-    from connectors.kafka_local import committed_offsets
+    from monitor.testbed.local_kafka import committed_offsets
 
     group = f"driftloop-bench-{uuid.uuid4().hex[:8]}"
     cfg = {
@@ -159,7 +159,7 @@ def driftloop_daemon(bootstrap: str, topic: str, n: int, workdir: Path) -> dict[
     probe.close()
     log_path = workdir / "daemon.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "run", "--config",
+        proc = subprocess.Popen([sys.executable, "-m", "monitor.service.cli", "run", "--config",
                                  str(cfg_path)], cwd=REPO, stdout=log, stderr=log)
     rss_samples = []
     try:
@@ -204,7 +204,7 @@ def main() -> None:
     args = ap.parse_args()
     n = args.events or (300_000 if args.quick else 5_000_000)
 
-    from connectors.kafka_local import LocalKafka, create_topics
+    from monitor.testbed.local_kafka import LocalKafka, create_topics
 
     with tempfile.TemporaryDirectory(prefix="driftloop-bench-") as tmp:
         broker = None

@@ -40,7 +40,7 @@ def replicas(bootstrap: str, topic: str, n: int, count: int, workdir: Path) -> d
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
 
-    from connectors.kafka_local import committed_offsets
+    from monitor.testbed.local_kafka import committed_offsets
 
     group = f"driftloop-replicas-{uuid.uuid4().hex[:8]}"
     probe = KafkaConsumer(bootstrap_servers=bootstrap)
@@ -63,7 +63,7 @@ def replicas(bootstrap: str, topic: str, n: int, count: int, workdir: Path) -> d
         log_path = workdir / f"replica-{i}.log"
         logs.append(log_path)
         with open(log_path, "wb") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "monitor.cli", "run", "--config",
+            procs.append(subprocess.Popen([sys.executable, "-m", "monitor.service.cli", "run", "--config",
                                            str(path)], cwd=REPO, stdout=log, stderr=log))
     try:
         t0: float | None = None
@@ -104,7 +104,7 @@ def main() -> None:
     n = args.events or (300_000 if args.quick else 2_000_000)
     ingest.PARTITIONS = PARTITIONS  # the shared producer writes one process per partition
 
-    from connectors.kafka_local import LocalKafka, create_topics
+    from monitor.testbed.local_kafka import LocalKafka, create_topics
 
     results = []
     with tempfile.TemporaryDirectory(prefix="driftloop-replicas-") as tmp:

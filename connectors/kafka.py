@@ -1,6 +1,7 @@
 """Kafka edge: the consumer, the dead-letter producer and offset commits.
 
-Everything that imports kafka-python lives here or in connectors/kafka_local.py.
+Everything of driftloop that imports kafka-python lives here and in connectors/fetch.py
+(the tests' and the demo's own producers are in monitor/testbed/ and tests/).
 Settings that matter for throughput were measured on the target machine
 (docs/design-notes.md): ``max_poll_records`` ~2000, ``fetch_max_wait_ms`` 10-50 ms,
 synchronous commits about once a second, and the ``crc32c`` package installed.

@@ -5,7 +5,7 @@ the feedback store once they are final and runs the statistics on them, in two
 passes with their own progress pointers:
 
 * **drift**, on every closed prediction window: each (model, version)'s rows are
-  summarised against its reference profile (monitor/profile.py, monitor/drift.py)
+  summarised against its reference profile (monitor/stats/profile.py, monitor/stats/drift.py)
   and the per-feature flags go through the k-of-m persistence rule;
 * **performance**, on every *matured* prediction window (labels final, see
   monitor/join.py): the window is joined with its feedback, its label summary feeds
@@ -46,16 +46,17 @@ import pyarrow.compute as pc
 from connectors.state import IncidentRow, MonitorCommit, StateStore
 from connectors.store import FeedbackStore
 from connectors.summaries import SummaryStore
-from monitor.drift import DriftDecider, DriftSpec, compare
+from monitor.detectors.sequential import AdaptiveBernoulliCUSUM
 from monitor.incidents import Incident, IncidentBook, Outcome, Severity, Signal, Transition
 from monitor.join import FeedbackIndex, JoinSpec, dedupe_predictions, matured_upto
-from monitor.labels import LabelSummary, exchangeable_labels
 from monitor.metrics import Metrics
-from monitor.performance import PerformanceSpec, evaluate
-from monitor.profile import Profile, ProfileSpec
-from monitor.sequential import AdaptiveBernoulliCUSUM
+from monitor.stats.drift import DriftDecider, DriftSpec, compare
+from monitor.stats.labels import LabelSummary, exchangeable_labels
+from monitor.stats.performance import PerformanceSpec, evaluate
+from monitor.stats.profile import Profile, ProfileSpec
+from monitor.stats.reference import Reference
 
-__all__ = ["Analysis", "AnalysisSpec", "DirectoryReferences", "NotYet", "Reference", "References"]
+__all__ = ["Analysis", "AnalysisSpec", "DirectoryReferences", "NotYet", "References"]
 
 log = logging.getLogger(__name__)
 
@@ -98,27 +99,6 @@ class AnalysisSpec:
     #: A stage with closed windows waiting and no progress for this long is stalled:
     #: /readyz degrades and a ``monitor_stalled`` incident pages.
     stall_ms: int = 900_000
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """What a model version is compared against."""
-
-    profile: Profile
-    #: Label summary of the reference period (None: bootstrapped from live labels).
-    labels: LabelSummary | None
-    source: str
-
-    def to_json(self) -> str:
-        return json.dumps({"profile": self.profile.to_dict(), "source": self.source,
-                           "labels": None if self.labels is None else self.labels.to_dict()})
-
-    @classmethod
-    def from_json(cls, text: str) -> Reference:
-        d = json.loads(text)
-        labels = d.get("labels")
-        return cls(Profile.from_dict(d["profile"]),
-                   None if labels is None else LabelSummary.from_dict(labels), d["source"])
 
 
 class References(Protocol):

@@ -306,7 +306,7 @@ class HttpConfig(_Section):
 
 
 class DriftConfig(_Section):
-    """Drift thresholds (monitor.drift.DriftSpec; docs/statistics.md has the reasoning)."""
+    """Drift thresholds (monitor.stats.drift.DriftSpec; docs/statistics.md has the reasoning)."""
 
     alpha: float = 0.01
     psi_threshold: float | None = 0.006
@@ -323,13 +323,13 @@ class DriftConfig(_Section):
         self.spec()
 
     def spec(self) -> Any:
-        from monitor.drift import DriftSpec
+        from monitor.stats.drift import DriftSpec
 
         return DriftSpec(**msgspec.structs.asdict(self))
 
 
 class PerformanceConfig(_Section):
-    """Label-metric drop tests (monitor.performance.PerformanceSpec)."""
+    """Label-metric drop tests (monitor.stats.performance.PerformanceSpec)."""
 
     #: Matured windows are pooled into periods of this length before the drop tests.
     period_seconds: int = 900
@@ -349,14 +349,14 @@ class PerformanceConfig(_Section):
     m: int = 3
 
     def __post_init__(self) -> None:
-        _positive("monitor.performance.period_seconds", self.period_seconds)
+        _positive("monitor.stats.performance.period_seconds", self.period_seconds)
         if not 1 <= self.k <= self.m:
             msg = f"need 1 <= k <= m, got k={self.k} and m={self.m}"
             raise ValueError(msg)
         self.spec()
 
     def spec(self) -> Any:
-        from monitor.performance import PerformanceSpec
+        from monitor.stats.performance import PerformanceSpec
 
         fields = msgspec.structs.asdict(self)
         for key in ("period_seconds", "k", "m"):
@@ -365,7 +365,7 @@ class PerformanceConfig(_Section):
 
 
 class SequentialConfig(_Section):
-    """The per-event CUSUM bank on the primary label (monitor.sequential)."""
+    """The per-event CUSUM bank on the primary label (monitor.detectors.sequential)."""
 
     enabled: bool = True
     #: Average number of matured predictions between two false alarms when nothing
@@ -376,10 +376,10 @@ class SequentialConfig(_Section):
 
     def __post_init__(self) -> None:
         if not self.arl0_events >= 100:
-            msg = f"monitor.sequential.arl0_events must be >= 100, got {self.arl0_events}"
+            msg = f"monitor.detectors.sequential.arl0_events must be >= 100, got {self.arl0_events}"
             raise ValueError(msg)
         if not self.drops or any(not 0.0 < d < 1.0 for d in self.drops):
-            msg = f"monitor.sequential.drops must be non-empty values in (0, 1), got {self.drops}"
+            msg = f"monitor.detectors.sequential.drops must be non-empty values in (0, 1), got {self.drops}"
             raise ValueError(msg)
 
 
@@ -759,7 +759,7 @@ class Config(_Section):
             raise ValueError(msg)
         size = self.windows.size_seconds
         for name, value in (("monitor.attribution_seconds", self.monitor.attribution_seconds),
-                            ("monitor.performance.period_seconds",
+                            ("monitor.stats.performance.period_seconds",
                              self.monitor.performance.period_seconds),
                             ("monitor.bootstrap_seconds", self.monitor.bootstrap_seconds)):
             if value % size:

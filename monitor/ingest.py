@@ -18,7 +18,7 @@ This is where the delivery guarantee lives (docs/delivery.md):
   partition must be re-read from.
 
 Kafka itself stays outside this class; it receives records and returns offsets, so it
-can be driven by the real consumer (monitor/daemon.py) and by tests alike.
+can be driven by the real consumer (monitor/service/daemon.py) and by tests alike.
 """
 
 from __future__ import annotations

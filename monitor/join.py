@@ -1,4 +1,4 @@
-"""The prediction <- feedback join: which predictions earned which label (DESIGN.md section 3).
+"""The prediction <- feedback join: which predictions earned which label (docs/monitoring.md).
 
 A prediction's label for type T is 1 when feedback of type T for its ``prediction_id``
 has an event time within ``[prediction ts, prediction ts + attribution]``, else 0.

@@ -1,7 +1,7 @@
 """Promotion inside the daemon: the gate after training, the live watch, the canary.
 
 The pieces are in retrain/promote.py (the gate, the lock, the alias moves and their
-history) and monitor/live.py (the live tests); this module wires them to the daemon
+history) and monitor/detectors/live.py (the live tests); this module wires them to the daemon
 (docs/promotion.md):
 
 * **after a training job** (a succeeded job the job store holds ungated, whichever
@@ -46,11 +46,11 @@ import numpy as np
 from connectors.registry import ModelRegistry, RegistryError
 from connectors.state import FencedOut, MonitorCommit, StateStore
 from monitor.config import Config
+from monitor.detectors.live import CanaryTest, PromotionWatch
 from monitor.incidents import Severity, Signal
-from monitor.labels import LabelSummary
-from monitor.live import CanaryTest, PromotionWatch
 from monitor.metrics import Metrics
 from monitor.retraining import job_store_location
+from monitor.stats.labels import LabelSummary
 from retrain.evaluate import REPORT_PATH, EvaluationReport
 from retrain.jobs import SqlJobStore
 from retrain.promote import (

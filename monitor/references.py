@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-from monitor.analysis import Reference, References
+from monitor.analysis import References
+from monitor.stats.reference import Reference
 
 __all__ = ["FirstOf", "MlflowReferences", "ReferenceStore"]
 

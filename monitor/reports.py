@@ -70,7 +70,7 @@ def _num(v: Any) -> str:
 
 def bin_labels(evidence: Mapping[str, Any]) -> list[str] | None:
     """Labels of the bins in a drift evidence: ``<=e0``, ``(e0, e1]``, ..., ``>ek`` for
-    numbers (right-closed, as monitor/profile.py counts), the categories otherwise.
+    numbers (right-closed, as monitor/stats/profile.py counts), the categories otherwise.
 
     >>> bin_labels({"edges": [1.0, 2.5], "reference_counts": [1, 2, 3]})
     ['≤1', '(1, 2.5]', '>2.5']

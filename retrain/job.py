@@ -54,12 +54,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from connectors.logs import setup_logging
 from connectors.registry import REFERENCE_PATH, REFERENCE_TAG, ModelRegistry, RegistryError
 from connectors.store import FEEDBACKS, PREDICTIONS, FeedbackStore
-from monitor.analysis import Reference
-from monitor.labels import LabelSummary
-from monitor.logs import setup_logging
-from monitor.profile import Profile, ProfileSpec
+from monitor.stats.labels import LabelSummary
+from monitor.stats.profile import Profile, ProfileSpec
+from monitor.stats.reference import Reference
 from retrain.dataset import (
     CONTRACT_COLUMNS,
     DatasetError,

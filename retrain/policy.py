@@ -5,7 +5,7 @@ one started, how many fresh labels there are, what was spent today) and passes t
 time in; :meth:`RetrainPolicy.decide` answers with a :class:`Decision` that carries a
 machine ``code`` and one human sentence with the numbers. Every path answers, the
 "no"s included, because an operator asking "why did it not retrain?" deserves the
-same evidence as one asking "why did it?" (DESIGN.md section 7).
+same evidence as one asking "why did it?" (docs/retraining.md).
 
 The checks run in a fixed order and the first that refuses is the answer: what the
 trigger is (its incident kind and severity), then what is happening (a running job,

@@ -1,6 +1,6 @@
 """Promotion and rollback: the gate, the alias lock, the alias history and the promoter.
 
-DESIGN.md section 8 and issue #6; docs/promotion.md is the operator's version.
+docs/architecture.md; docs/promotion.md is the operator's version.
 
 * :class:`Gate` (pure): decides from an :class:`~retrain.evaluate.EvaluationReport`
   whether the challenger replaces the champion, with a reason that carries the

@@ -77,7 +77,7 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLOOP__")}
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor.cli", "run", "--config", str(self.config_path)],
+            [sys.executable, "-m", "monitor.service.cli", "run", "--config", str(self.config_path)],
             cwd=REPO, stdout=log, stderr=log, env=env)
         log.close()
         return self

@@ -33,8 +33,8 @@ from connectors.kafka import (
     REFERENCE_HEAD_BYTES,
     SOURCE_HEADER,
 )
-from connectors.kafka_local import committed_offsets
 from connectors.store import FeedbackStore
+from monitor.testbed.local_kafka import committed_offsets
 from tests.daemon_proc import DaemonProcess, end_offsets
 from tests.fuzz_corpus import STORED, FuzzRecord, verdict
 

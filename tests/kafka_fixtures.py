@@ -31,7 +31,7 @@ from typing import NoReturn
 
 import pytest
 
-from connectors.kafka_local import (
+from monitor.testbed.local_kafka import (
     KafkaUnavailableError,
     LocalKafka,
     SecureBroker,

@@ -25,7 +25,7 @@ from typing import NoReturn
 
 import pytest
 
-from connectors.mlflow_local import (
+from monitor.testbed.local_mlflow import (
     LocalMlflow,
     LocalPostgres,
     MlflowUnavailableError,

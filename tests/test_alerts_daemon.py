@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from connectors.kafka_local import committed_offsets, create_topics
 from connectors.state import StateStore
 from monitor.incidents import IncidentBook
+from monitor.testbed.local_kafka import committed_offsets, create_topics
 from tests.daemon_proc import DaemonProcess, produce, wait_until
 from tests.events_gen import BASE_TS_MS, encode, prediction
 from tests.receivers import Answer, HangingReceiver, Receiver, Request, standard_webhooks_verify

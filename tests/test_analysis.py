@@ -18,13 +18,13 @@ from connectors.events import EventKind
 from connectors.state import StateStore
 from connectors.store import FeedbackStore, SpillFiles
 from monitor.analysis import Analysis, AnalysisSpec, NotYet
-from monitor.drift import DriftSpec
 from monitor.incidents import Incident
 from monitor.ingest import Ingestor
 from monitor.join import JoinSpec
-from monitor.labels import LabelSummary
 from monitor.metrics import Metrics
-from monitor.performance import PerformanceSpec
+from monitor.stats.drift import DriftSpec
+from monitor.stats.labels import LabelSummary
+from monitor.stats.performance import PerformanceSpec
 from monitor.windows import WindowSpec
 from tests.events_gen import BASE_TS_MS, drifting_world
 from tests.test_ingest import Clock, MemoryDeadLetters, Rec
@@ -222,8 +222,9 @@ def test_failed_commits_lose_no_transition_and_count_no_window_twice(world, fini
 def test_a_stored_reference_is_used_instead_of_bootstrapping(world, tmp_path: Path) -> None:
 
     from connectors.events import decode_batch
-    from monitor.analysis import DirectoryReferences, Reference
-    from monitor.profile import Profile
+    from monitor.analysis import DirectoryReferences
+    from monitor.stats.profile import Profile
+    from monitor.stats.reference import Reference
 
     preds, _ = world
     # The reference: what the model saw in training, here the first 10 quiet minutes.

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from connectors.kafka_local import create_topics
 from connectors.state import StateStore, open_state_store
 from connectors.summaries import SummaryStore
 from monitor.incidents import Incident
-from monitor.labels import LabelSummary
-from monitor.profile import Profile
+from monitor.stats.labels import LabelSummary
+from monitor.stats.profile import Profile
+from monitor.testbed.local_kafka import create_topics
 from retrain.jobs import SqlJobStore
 from tests.daemon_proc import DaemonProcess, produce, wait_until
 from tests.events_gen import drifting_world

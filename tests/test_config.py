@@ -15,7 +15,7 @@ from monitor.config import ConfigError, load_config
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLOOP__")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "monitor.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "monitor.service.cli", *args], capture_output=True,
                           text=True, env=full_env, timeout=60, check=False)
 
 

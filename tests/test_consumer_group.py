@@ -17,8 +17,8 @@ import uuid
 import pytest
 
 from connectors.kafka import Listener, group_joined, make_consumer
-from connectors.kafka_local import create_topics
 from monitor.config import KafkaConfig
+from monitor.testbed.local_kafka import create_topics
 
 pytestmark = pytest.mark.kafka
 

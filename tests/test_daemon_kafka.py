@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.kafka_local import committed_offsets, create_topics
+from monitor.testbed.local_kafka import committed_offsets, create_topics
 from tests.daemon_proc import (
     DaemonProcess,
     end_offsets,

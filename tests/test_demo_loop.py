@@ -1,7 +1,7 @@
 """The demo's loop end to end, shortened: a real Kafka broker, a real MLflow server, the
 real daemon process, the real training job and the real simulated recommender.
 
-`monitor.demo.run_loop` is the loop ``make demo`` runs, with shorter phases: 20 s of
+`monitor.demo.loop.run_loop` is the loop ``make demo`` runs, with shorter phases: 20 s of
 stable traffic, 10 s drop-test periods and a 10 s retraining window. The test checks each
 link of the chain: the drift is detected, an alert reaches the webhook receiver (signed),
 a training job registers a challenger, the daemon's gate promotes it (``champion`` moves
@@ -14,9 +14,9 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from connectors.kafka_local import LocalKafka, create_topics
 from connectors.registry import ModelRegistry
-from monitor.demo import TOPICS, LoopSpec, run_loop
+from monitor.demo.loop import TOPICS, LoopSpec, run_loop
+from monitor.testbed.local_kafka import LocalKafka, create_topics
 from tests.mlflow_fixtures import unique_model_name
 
 SPEC = LoopSpec(seed=3, rate=400, period_seconds=10, stable_periods=2, retrain_window_seconds=10,
@@ -25,7 +25,7 @@ SPEC = LoopSpec(seed=3, rate=400, period_seconds=10, stable_periods=2, retrain_w
 
 def test_drift_is_detected_alerted_retrained_promoted_and_served(
         kafka_broker: LocalKafka, mlflow_server: str, tmp_path: Path) -> None:
-    # A broker of the test's own: the topic names are the demo's (see monitor.demo.TOPICS),
+    # A broker of the test's own: the topic names are the demo's (see monitor.demo.loop.TOPICS),
     # and the daemon reads them from the beginning.
     create_topics(kafka_broker.bootstrap, {TOPICS["predictions"]: 2, TOPICS["feedback"]: 2,
                                            TOPICS["dead_letter"]: 1})
@@ -68,7 +68,7 @@ def test_drift_is_detected_alerted_retrained_promoted_and_served(
     assert gate["driftloop.gate"] == "promote", gate.get("driftloop.gate_reason")
     assert [v for _, v in result.serving()] == [result.bootstrap.version, version]
 
-    from monitor.demo import ctr_figures, timeline
+    from monitor.demo.loop import ctr_figures, timeline
 
     ctr = ctr_figures(result)
     assert ctr["pre_drift"] and ctr["drifted"] and ctr["recovered"], ctr

@@ -239,7 +239,7 @@ def test_dockerignore_matcher_is_not_vacuous() -> None:
     assert _ignored("var/demo-1/mlflow", patterns)
     assert _ignored("monitor/__pycache__/x.pyc", patterns)
     assert _ignored(".venv", patterns)
-    assert not _ignored("monitor/cli.py", patterns)
+    assert not _ignored("monitor/service/cli.py", patterns)
 
 
 @pytest.mark.parametrize("name", DAEMON_DOCKERFILES)

@@ -1,4 +1,4 @@
-"""Tests of monitor.drift: statistics against scipy, false alarms, power, decider.
+"""Tests of monitor.stats.drift: statistics against scipy, false alarms, power, decider.
 
 Most many-window tests draw each window's bin counts directly from the
 multinomial distribution the true feature distribution induces on the
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-import monitor.drift
-from monitor.drift import (
+import monitor.stats.drift
+from monitor.stats.drift import (
     DriftDecider,
     DriftReport,
     DriftSpec,
@@ -35,13 +35,13 @@ from monitor.drift import (
     psi,
     wasserstein_binned,
 )
-from monitor.profile import CategoricalSummary, NumericSummary, Profile, ProfileSpec
+from monitor.stats.profile import CategoricalSummary, NumericSummary, Profile, ProfileSpec
 
 FloatArray = npt.NDArray[np.float64]
 
 
 def test_docstring_examples_run() -> None:
-    result = doctest.testmod(monitor.drift)
+    result = doctest.testmod(monitor.stats.drift)
     assert result.attempted > 0
     assert result.failed == 0
 

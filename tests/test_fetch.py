@@ -132,7 +132,7 @@ def _replay(cls: type, fetch: tuple[Any, ...], take: int, start: int | None = No
 
 @pytest.fixture(scope="module")
 def filled_topic(kafka_bootstrap: str) -> str:
-    from connectors.kafka_local import create_topics, unique_topic_name
+    from monitor.testbed.local_kafka import create_topics, unique_topic_name
 
     topic = unique_topic_name("fetch")
     create_topics(kafka_bootstrap, {topic: 2})

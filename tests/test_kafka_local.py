@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from connectors.kafka_local import LocalKafka, create_topics, unique_topic_name
+from monitor.testbed.local_kafka import LocalKafka, create_topics, unique_topic_name
 
 if TYPE_CHECKING:  # imported by pytest_plugins; importing it first would skip assert rewriting
     from tests.kafka_fixtures import TopicFactory

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import mannwhitneyu
 
-from monitor.labels import LabelSummary, score_bins
+from monitor.stats.labels import LabelSummary, score_bins
 
 
 def _world(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +106,7 @@ def test_degenerate_windows_give_nan_not_errors() -> None:
 
 
 def test_feeds_the_drop_tests_like_the_exact_window_metrics() -> None:
-    from monitor.performance import evaluate, window_metrics
+    from monitor.stats.performance import evaluate, window_metrics
 
     s, y = _world(100_000, 6)
     summary = LabelSummary.from_arrays(s, {"click": y}, "click")

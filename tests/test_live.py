@@ -1,11 +1,11 @@
-"""monitor/live.py: the post-promotion watch and the canary, on seeded simulated streams."""
+"""monitor/detectors/live.py: the post-promotion watch and the canary, on seeded simulated streams."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from monitor.live import CanaryTest, PromotionWatch
+from monitor.detectors.live import CanaryTest, PromotionWatch
 
 
 def canary_run(seed: int, pa: float, pb: float, windows: int = 40, per: int = 2000) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from monitor.logs import RepeatFilter
+from connectors.logs import RepeatFilter
 
 
 class _Clock:
@@ -36,4 +36,4 @@ def test_a_missing_topic_logged_18_times_a_second_becomes_one_line_a_minute() ->
 
 def test_driftloop_lines_are_never_held_back() -> None:
     f = RepeatFilter(interval_s=60.0, clock=_Clock())
-    assert all(f.filter(_record("monitor.daemon", "ingestion failed")) for _ in range(100))
+    assert all(f.filter(_record("monitor.service.daemon", "ingestion failed")) for _ in range(100))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.kafka_local import create_topics
 from connectors.state import StateStore
 from monitor.incidents import Incident
+from monitor.testbed.local_kafka import create_topics
 from tests.daemon_proc import DaemonProcess, produce, wait_until
 from tests.events_gen import BASE_TS_MS, drifting_world
 

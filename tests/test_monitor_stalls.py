@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from connectors.kafka_local import create_topics
 from connectors.state import StateStore
+from monitor.testbed.local_kafka import create_topics
 from tests.daemon_proc import DaemonProcess, produce, wait_until
 from tests.events_gen import BASE_TS_MS, encode, feedback, prediction
 from tests.receivers import Answer, Receiver

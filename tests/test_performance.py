@@ -1,4 +1,4 @@
-"""Tests of monitor.performance: metrics against scipy, test sizes, power, insufficient data.
+"""Tests of monitor.stats.performance: metrics against scipy, test sizes, power, insufficient data.
 
 The simulated world is a calibrated CTR model: a latent ``z ~ N(0, 1)``, the
 score ``s = expit(-3.3724 + z)`` (mean 0.05, AUC about 0.753) and the click
@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special, stats
 
-import monitor.performance
-from monitor.performance import (
+import monitor.stats.performance
+from monitor.stats.performance import (
     PerformanceReference,
     PerformanceReport,
     PerformanceSpec,
@@ -70,7 +70,7 @@ def binomial_bound(rate: float, trials: int, k: float = 3.0) -> float:
 
 
 def test_docstring_examples_run() -> None:
-    result = doctest.testmod(monitor.performance)
+    result = doctest.testmod(monitor.stats.performance)
     assert result.attempted > 0
     assert result.failed == 0
 

@@ -21,7 +21,7 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
 from connectors.kafka import DEAD_LETTER_OVERHEAD, DEFAULT_MAX_MESSAGE_BYTES, REFERENCE_HEAD_BYTES
-from connectors.kafka_local import committed_offsets, create_topics
+from monitor.testbed.local_kafka import committed_offsets, create_topics
 from tests.daemon_proc import DaemonProcess, end_offsets, read_all, stored_prediction_ids, wait_until
 from tests.events_gen import BASE_TS_MS, encode, feedback, prediction
 

@@ -1,4 +1,4 @@
-"""Tests of monitor.profile: counts, moments, layout, merging and JSON."""
+"""Tests of monitor.stats.profile: counts, moments, layout, merging and JSON."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import monitor.profile
-from monitor.profile import (
+import monitor.stats.profile
+from monitor.stats.profile import (
     FORMAT,
     CategoricalSummary,
     NumericSummary,
@@ -55,7 +55,7 @@ def assert_profiles_close(a: Profile, b: Profile) -> None:
 
 
 def test_docstring_examples_run() -> None:
-    result = doctest.testmod(monitor.profile, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(monitor.stats.profile, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
 

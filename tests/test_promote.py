@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from mlflow import MlflowClient
 
 import retrain.promote
-from connectors.mlflow_local import LocalMlflow, LocalMlflowError, MlflowUnavailableError
 from connectors.registry import ModelRegistry, RegistryError
+from monitor.testbed.local_mlflow import LocalMlflow, LocalMlflowError, MlflowUnavailableError
 from retrain.evaluate import (
     REPORT_PATH,
     EvaluationReport,

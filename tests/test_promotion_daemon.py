@@ -19,10 +19,10 @@ import pytest
 from connectors.registry import ModelRegistry
 from connectors.state import StateStore
 from monitor.config import Config
-from monitor.labels import LabelSummary
 from monitor.metrics import Metrics
 from monitor.promotion import PromotionController, build_promoter
 from monitor.retraining import job_store_location
+from monitor.stats.labels import LabelSummary
 from retrain.jobs import JobRecord, SqlJobStore
 from retrain.promote import CHAMPION, PREVIOUS, AliasLockBusy, AliasMove, PostgresAdvisoryLock
 from tests.daemon_proc import wait_until

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 
 from connectors.events import EventKind, decode_batch
-from connectors.mlflow_local import LocalMlflow
 from connectors.registry import ModelRegistry
 from connectors.state import StateStore
-from monitor.analysis import Analysis, DirectoryReferences, Reference
+from monitor.analysis import Analysis, DirectoryReferences
 from monitor.config import load_config
 from monitor.metrics import Metrics
-from monitor.profile import Profile
 from monitor.references import FirstOf, MlflowReferences
+from monitor.stats.profile import Profile
+from monitor.stats.reference import Reference
+from monitor.testbed.local_mlflow import LocalMlflow
 from tests.events_gen import BASE_TS_MS, drifting_world
 from tests.test_analysis import MIN, RATE, SHIFT, SPEC, F, P, Run, _feed, _incidents, _start
 from tests.test_registry import _closed_port, register_version
@@ -130,7 +131,7 @@ def test_an_outage_that_outlasts_the_bootstrap_period_bootstraps_and_monitoring_
 
 
 def test_the_daemon_takes_references_from_mlflow_first_then_the_directory(tmp_path: Path) -> None:
-    from monitor.daemon import _references
+    from monitor.service.daemon import _references
 
     uri = "http://127.0.0.1:5000"
     only_mlflow = _references(load_config(None, {"DRIFTLOOP__MLFLOW__TRACKING_URI": uri}))

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from connectors.mlflow_local import LocalMlflow
 from connectors.registry import (
     REFERENCE_PATH,
     REFERENCE_TAG,
@@ -21,6 +20,7 @@ from connectors.registry import (
     ModelRegistry,
     RegistryError,
 )
+from monitor.testbed.local_mlflow import LocalMlflow
 from tests.mlflow_fixtures import unique_model_name
 
 

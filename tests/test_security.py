@@ -38,9 +38,9 @@ from connectors.kafka import (
     client_security,
     make_consumer,
 )
-from connectors.kafka_local import SecureBroker, committed_offsets, create_topics
 from connectors.mlflow_auth import MLFLOW_AUTH_VARIABLES, apply_credentials
 from monitor.config import ConfigError, HttpConfig, KafkaConfig, MlflowConfig, load_config
+from monitor.testbed.local_kafka import SecureBroker, committed_offsets, create_topics
 from tests.daemon_proc import DaemonProcess, stored_prediction_ids, wait_until
 from tests.events_gen import BASE_TS_MS, encode, prediction
 
@@ -59,8 +59,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
     full = {k: v for k, v in os.environ.items()
             if not k.startswith("DRIFTLOOP__") and k not in MLFLOW_AUTH_VARIABLES}
     full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "monitor.cli", *args], capture_output=True, text=True,
-                          env=full, timeout=timeout, check=False, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "monitor.service.cli", *args], capture_output=True,
+                          text=True, env=full, timeout=timeout, check=False, cwd=REPO)
 
 
 # -- configuration ---------------------------------------------------------------------

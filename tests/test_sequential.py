@@ -1,4 +1,4 @@
-"""Tests of monitor.sequential: exact ARL, vectorised updates, delays, state."""
+"""Tests of monitor.detectors.sequential: exact ARL, vectorised updates, delays, state."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import monitor.sequential
-from monitor.sequential import AdaptiveBernoulliCUSUM, BernoulliCUSUM, lattice_arl
+import monitor.detectors.sequential
+from monitor.detectors.sequential import AdaptiveBernoulliCUSUM, BernoulliCUSUM, lattice_arl
 
 
 def test_docstring_examples_run() -> None:
-    result = doctest.testmod(monitor.sequential)
+    result = doctest.testmod(monitor.detectors.sequential)
     assert result.attempted > 0
     assert result.failed == 0
 

@@ -374,7 +374,7 @@ offsets.topic.num.partitions=4
 transaction.state.log.num.partitions=4
 share.coordinator.state.topic.num.partitions=1
 
-# Topics only by explicit creation (connectors.kafka_local.create_topics).
+# Topics only by explicit creation (monitor.testbed.local_kafka.create_topics).
 auto.create.topics.enable=false
 num.partitions=1
 # A consumer group that forms does so at once, not after 3 s.

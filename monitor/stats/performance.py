@@ -1,13 +1,13 @@
 """Label-based performance of a model version on matured windows, and its drop tests.
 
 A window's predictions are joined with the feedback that arrived within the
-attribution window (DESIGN.md section 3); once the window has matured, the
+attribution window (docs/monitoring.md); once the window has matured, the
 join hands this module, per model version, the scores and one 0/1 label array
 per label type. :func:`window_metrics` reduces them to a
 :class:`WindowMetrics` (counts and sums, plus the AUC and its DeLong
 variance); :class:`PerformanceReference` holds the same numbers for the
 reference (the training data, or the previous champion on live traffic);
-:func:`evaluate` runs one test per metric against it (DESIGN.md section 5).
+:func:`evaluate` runs one test per metric against it (docs/statistics.md).
 
 The rule: a metric has *dropped in a window* only when the change reaches a
 configured minimum effect **and** its multiplicity-corrected p-value is at or
@@ -74,7 +74,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from monitor.drift import benjamini_hochberg
+from monitor.stats.drift import benjamini_hochberg
 
 __all__ = [
     "DropTest",
@@ -418,7 +418,7 @@ class PerformanceReference(_Sums):
     Parameters:
         auc_method: ``"exact"`` (from :meth:`fit`), ``"pair-weighted"``, or
             ``"binned"`` (every pair ranked on 2,000 logit bins, from
-            ``monitor.labels.LabelSummary.to_reference``).
+            ``monitor.stats.labels.LabelSummary.to_reference``).
         n_windows: Windows pooled (1 for :meth:`fit`).
 
     Example:

@@ -2,15 +2,15 @@
 
 What runs, all real and all local (docs/demo.md has the story and how to read the report):
 
-* a single-node Kafka (`connectors.kafka_local.LocalKafka`) and an MLflow tracking server
-  with SQLite and local artifacts (`connectors.mlflow_local.LocalMlflow`), both under the
+* a single-node Kafka (`monitor.testbed.local_kafka.LocalKafka`) and an MLflow tracking server
+  with SQLite and local artifacts (`monitor.testbed.local_mlflow.LocalMlflow`), both under the
   run directory ``var/demo-<seed>/``;
 * a webhook receiver (an ``http.server`` thread) that checks each alert's Standard
   Webhooks signature and prints it, one line per alert;
-* the daemon, ``python -m monitor.cli run --config FILE``, with a configuration that
+* the daemon, ``python -m monitor.service.cli run --config FILE``, with a configuration that
   compresses time (2 s windows, labels final 6 s after a prediction, 20 s drop-test
   periods, a retraining window of 20 s) and fine-tuning enabled;
-* the simulated recommender (`monitor.simulate`): a champion trained by the real job
+* the simulated recommender (`monitor.testbed.world`): a champion trained by the real job
   on exploration logs, then live slates scored by ``models:/ctr@champion``, a stable
   phase, and covariate plus concept drift that cost the champion about 40% of its CTR.
 
@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL = "ctr"
 #: The environment variable through which the daemon gets the webhook's signing secret
 #: (docs/alerts.md: secrets never sit in the config file).
@@ -412,7 +412,7 @@ def run_loop(spec: LoopSpec, *, workdir: Path, kafka: str, tracking_uri: str, mo
     process it starts is stopped before it returns, also when it raises.
     """
     from connectors.registry import ModelRegistry
-    from monitor import simulate
+    from monitor.testbed import world as simulate
 
     topics = topics or TOPICS
     workdir.mkdir(parents=True, exist_ok=True)
@@ -435,7 +435,7 @@ def run_loop(spec: LoopSpec, *, workdir: Path, kafka: str, tracking_uri: str, mo
         env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         try:
             echo(f"starting the daemon: driftloop run --config {config_path} (http://127.0.0.1:{port}/status)")
-            daemon = Child("daemon", [sys.executable, "-m", "monitor.cli", "run", "--config",
+            daemon = Child("daemon", [sys.executable, "-m", "monitor.service.cli", "run", "--config",
                                       str(config_path)], workdir / "daemon.log", env)
             echo("training the first champion with the real job (python -m retrain.job) on "
                  "exploration logs of the stable world ...")
@@ -457,7 +457,7 @@ def run_loop(spec: LoopSpec, *, workdir: Path, kafka: str, tracking_uri: str, mo
                 time.sleep(0.5)
             stats_path = workdir / "simulator-stats.jsonl"
             stats_path.unlink(missing_ok=True)
-            argv = [sys.executable, "-m", "monitor.simulate", "serve", "--kafka", kafka,
+            argv = [sys.executable, "-m", "monitor.testbed.world", "serve", "--kafka", kafka,
                     "--tracking-uri", tracking_uri, "--model", model, "--seed", str(spec.seed),
                     "--predictions-topic", topics["predictions"], "--feedback-topic", topics["feedback"],
                     "--rate", str(spec.rate), "--stable-seconds", str(spec.stable_seconds),
@@ -833,8 +833,8 @@ this page: docs/demo.md.</p>
 @contextlib.contextmanager
 def local_services(run_dir: Path, echo: Echo) -> Iterator[tuple[str, str]]:
     """A Kafka broker and an MLflow server under ``run_dir``, started side by side."""
-    from connectors.kafka_local import LocalKafka, create_topics
-    from connectors.mlflow_local import LocalMlflow
+    from monitor.testbed.local_kafka import LocalKafka, create_topics
+    from monitor.testbed.local_mlflow import LocalMlflow
 
     kafka = LocalKafka(run_dir / "kafka")
     mlflow = LocalMlflow(run_dir / "mlflow")

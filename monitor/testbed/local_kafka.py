@@ -49,7 +49,7 @@ __all__ = [
 
 #: The script that fetches, starts and stops the broker: found from this file,
 #: so that it works from any working directory and from an installed checkout.
-KAFKA_SH = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "kafka.sh"
+KAFKA_SH = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "kafka.sh"
 
 # kafka.sh exits with this code when java or mvn is missing (or Java is too old),
 # so that callers can tell "this machine cannot run Kafka" from "Kafka failed".

@@ -218,19 +218,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         return _call_daemon(config, "/status")
     on_ready = _secure_daemon(config)
-    from monitor.daemon import run_daemon
-    from monitor.logs import setup_logging
+    from connectors.logs import setup_logging
+    from monitor.service.daemon import run_daemon
 
     setup_logging(config.logging.level)
     if profile is not None:
         import logging
 
-        logging.getLogger("monitor.cli").warning(
+        logging.getLogger("monitor.service.cli").warning(
             f"profile {profile!r}: short durations for a first look, not production statistics",
             extra={"fields": {"windows.size_seconds": config.windows.size_seconds,
                               "monitor.bootstrap_seconds": config.monitor.bootstrap_seconds,
                               "monitor.attribution_seconds": config.monitor.attribution_seconds,
-                              "monitor.performance.period_seconds":
+                              "monitor.stats.performance.period_seconds":
                                   config.monitor.performance.period_seconds}})
     # `kill -USR1 <pid>` prints every thread's stack to stderr: the first thing to
     # look at when a daemon seems stuck.

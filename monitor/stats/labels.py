@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from monitor.performance import LOG_LOSS_EPS, PerformanceReference, WindowMetrics
+from monitor.stats.performance import LOG_LOSS_EPS, PerformanceReference, WindowMetrics
 
 __all__ = ["BINS", "LabelSummary", "score_bins"]
 
@@ -173,7 +173,7 @@ class LabelSummary:
         s01 = float((self.hist_neg * (v01 - auc) ** 2).sum() / (n0 - 1))
         return s10 / n1 + s01 / n0
 
-    # -- the drop tests' inputs (monitor/performance.py) ----------------------------
+    # -- the drop tests' inputs (monitor/stats/performance.py) ----------------------------
 
     def _numbers(self) -> dict[str, Any]:
         n = self.n
@@ -187,11 +187,11 @@ class LabelSummary:
                 "score_cube_sum": self.cube_sum}
 
     def to_window_metrics(self) -> WindowMetrics:
-        """The window side of `monitor.performance.evaluate`."""
+        """The window side of `monitor.stats.performance.evaluate`."""
         return WindowMetrics(**self._numbers())
 
     def to_reference(self) -> PerformanceReference:
-        """The reference side of `monitor.performance.evaluate`: every pair of the
+        """The reference side of `monitor.stats.performance.evaluate`: every pair of the
         reference period is ranked on the binned scores, so the AUC is the pooled one."""
         return PerformanceReference(**self._numbers(), auc_method="binned", n_windows=1)
 

@@ -2,12 +2,12 @@
 
 A :class:`Profile` is the only thing the drift tests ever look at: binned
 counts, missing counts, moments and label rates, never raw rows. The same
-class describes the *reference* (fitted on training data, DESIGN.md section 5)
+class describes the *reference* (fitted on training data, docs/statistics.md)
 and a *window* (the current traffic counted against the reference's bin edges
 and categories), so that
 
 * the drift tests compare two objects with one layout, bin for bin;
-* window summaries from several consumers (DESIGN.md section 10) merge with
+* window summaries from several consumers (docs/scale-out.md) merge with
   ``a + b`` and the result equals the summary of the concatenated rows
   (counts exactly, moments up to floating-point rounding);
 * a profile travels as versioned JSON (an MLflow artifact, a row in
@@ -27,7 +27,7 @@ Layout decisions, all made when the reference is fitted:
   ``str(value)`` (JSON keys are strings). The reference also keeps the set of
   every category it saw (up to ``max_known``) so that a window can count the
   rows in categories *never* seen before, a data-quality signal distinct from
-  "other" (DESIGN.md section 5).
+  "other" (docs/statistics.md).
 * The model score: fixed equal-width bins on [0, 1], so score profiles of
   different model versions are comparable.
 * Labels: positives and matured count per label type; NaN means "not matured"

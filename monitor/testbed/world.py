@@ -32,8 +32,8 @@ that recommender, speaking the event contract (docs/events.md) to a real Kafka:
 
 Run it alone (after ``bootstrap``)::
 
-    python -m monitor.simulate bootstrap --tracking-uri URI --workdir DIR --seed 1
-    python -m monitor.simulate serve --kafka HOST:PORT --tracking-uri URI --seed 1 --stats FILE
+    python -m monitor.testbed.world bootstrap --tracking-uri URI --workdir DIR --seed 1
+    python -m monitor.testbed.world serve --kafka HOST:PORT --tracking-uri URI --seed 1 --stats FILE
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 STABLE, DRIFTED = 0, 1
 PHASES = ("stable", "drifted")
 DEVICES = np.array(["ios", "android", "web"])
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHAMPION = "champion"
 #: Hyperparameters of the bootstrap champion (and of the benchmark's oracle): a small
 #: model that trains in seconds on two CPU cores and still learns the world's structure.
@@ -393,9 +393,9 @@ def shadow_reference(world: World, policy: SlatePolicy, scorer: Scorer, rng: np.
     Labels are what the daemon will see: a click that arrives after the attribution
     window is no click.
     """
-    from monitor.analysis import Reference
-    from monitor.labels import LabelSummary
-    from monitor.profile import Profile, ProfileSpec
+    from monitor.stats.labels import LabelSummary
+    from monitor.stats.profile import Profile, ProfileSpec
+    from monitor.stats.reference import Reference
 
     s = serve_batch(world, policy, scorer, rng, requests, STABLE)
     clicked = (rng.random(len(s)) < s.p) & (click_delays(rng, len(s), click_delay_s) <= attribution_s)
@@ -449,7 +449,7 @@ def bootstrap_champion(world: World, policy: SlatePolicy, *, tracking_uri: str, 
         data_start_ms=window[0], data_end_ms=window[1], store=str((workdir / "store").resolve()),
         tracking_uri=tracking_uri, attribution_ms=int(attribution_s * 1000),
         trigger=Trigger(kind="manual", model=model, reason="bootstrap: the first champion of the demo",
-                        at_ms=now_ms, who="monitor.simulate"),
+                        at_ms=now_ms, who="monitor.testbed.world"),
         params=dict(params or BOOTSTRAP_PARAMS), seed=seed, budget_s=300.0, min_rows=1000, device="cpu")
     result = run_training_job(spec, workdir / "jobs")
     version = str(result["model_version"])
@@ -461,7 +461,7 @@ def bootstrap_champion(world: World, policy: SlatePolicy, *, tracking_uri: str, 
                                  click_delay_s=click_delay_s,
                                  source=f"shadow:{shadow_requests} stable requests served by v{version}")
     registry.log_reference(model, version, reference)
-    from monitor.analysis import Reference
+    from monitor.stats.reference import Reference
 
     labels = Reference.from_json(reference).labels
     return Bootstrap(version=version, run_id=str(result["run_id"]),
@@ -762,7 +762,7 @@ def _world_args(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m monitor.simulate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m monitor.testbed.world", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     boot = sub.add_parser("bootstrap", help="train, register and promote the first champion")
     _world_args(boot)

@@ -5,7 +5,7 @@ Two questions the registry's holdout cannot answer, because only live traffic ca
 * **Did the promotion hurt?** (`PromotionWatch`) For a configured stretch after a
   promotion, the new champion's label stream is tested against the rate the previous
   champion achieved live just before it, with the mixture Shiryaev-Roberts detector
-  of `monitor.sequential` (false alarms at most one per ``arl0`` events, exactly, by
+  of `monitor.detectors.sequential` (false alarms at most one per ``arl0`` events, exactly, by
   optional stopping). An alarm is evidence for a rollback; the end of the stretch
   without one is "the promotion held".
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.sequential import AdaptiveBernoulliCUSUM
+from monitor.detectors.sequential import AdaptiveBernoulliCUSUM
 
 __all__ = ["CanaryResult", "CanaryTest", "PromotionWatch", "WatchResult"]
 

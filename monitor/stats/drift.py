@@ -1,6 +1,6 @@
 """Feature and prediction drift of a window summary against the reference.
 
-The rule (DESIGN.md section 5): a feature is *drifting in a window* only when
+The rule (docs/statistics.md): a feature is *drifting in a window* only when
 its distribution moved by a practically relevant amount (an effect size at or
 above its threshold) **and** the move is statistically credible (a
 Benjamini-Hochberg adjusted p-value at or below ``alpha``); a *drift
@@ -9,7 +9,7 @@ decision* needs that in ``k`` of the feature's last ``m`` evaluated windows
 rows every irrelevant wiggle is "significant", and at a thousand rows sampling
 noise alone produces effect sizes above any useful threshold.
 
-Effect sizes, all computed from the binned counts of :mod:`monitor.profile`:
+Effect sizes, all computed from the binned counts of :mod:`monitor.stats.profile`:
 
 * PSI (population stability index), ``sum((q - p) * ln(q / p))`` over bins,
   the symmetrised Kullback-Leibler divergence (Jeffreys' J). Proportions are
@@ -69,7 +69,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from monitor.profile import CategoricalSummary, NumericSummary, Profile
+from monitor.stats.profile import CategoricalSummary, NumericSummary, Profile
 
 __all__ = [
     "DriftDecider",

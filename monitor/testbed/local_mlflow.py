@@ -1,6 +1,6 @@
 """A real MLflow tracking server for tests and the demo (``mlflow server``, no mock).
 
-:class:`LocalMlflow` drives ``deploy/mlflow/mlflow.sh`` as :mod:`connectors.kafka_local`
+:class:`LocalMlflow` drives ``deploy/mlflow/mlflow.sh`` as :mod:`monitor.testbed.local_kafka`
 drives the Kafka broker: the shell script owns the server's command line, so that
 ``mlflow.sh start DIR`` in a terminal gives the demo exactly the server the tests use.
 
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: Found from this file, so that it works from any working directory.
-MLFLOW_SH = Path(__file__).resolve().parent.parent / "deploy" / "mlflow" / "mlflow.sh"
+MLFLOW_SH = Path(__file__).resolve().parents[2] / "deploy" / "mlflow" / "mlflow.sh"
 
 # mlflow.sh exits with this code when mlflow is not installed for the interpreter.
 _EXIT_MISSING_TOOL = 4

@@ -1,0 +1,1 @@
+"""`make demo`: the whole loop in its own world (docs/demo.md); `python -m monitor.demo`."""

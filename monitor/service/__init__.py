@@ -1,0 +1,1 @@
+"""The service: the daemon's loop and lifecycle, and the command line."""
