@@ -173,9 +173,12 @@ class ControlServer:
                 self._refuse(*problem)
                 return False
 
-            def _refuse(self, code: int, error: str) -> None:
+            def _refuse(self, code: int, error: str, headers: Mapping[str, str] | None = None) -> None:
+                """Answers ``{"error": ...}`` and closes the connection."""
                 out = _json.encode({"error": error})
                 self.send_response(code)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
                 self.send_header("Connection", "close")
@@ -204,15 +207,7 @@ class ControlServer:
                 if 0 < pending <= MAX_BODY:
                     self.rfile.read(pending)
                 challenge = 'Bearer realm="driftloop"' + (', error="invalid_token"' if given else "")
-                out = _json.encode({"error": "a valid bearer token is required"})
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", challenge)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(out)
-                self.close_connection = True
+                self._refuse(401, "a valid bearer token is required", {"WWW-Authenticate": challenge})
                 return False
 
             def do_GET(self) -> None:
