@@ -131,7 +131,10 @@ def test_an_outage_that_outlasts_the_bootstrap_period_bootstraps_and_monitoring_
 
 
 def test_the_daemon_takes_references_from_mlflow_first_then_the_directory(tmp_path: Path) -> None:
-    from monitor.service.daemon import _references
+    from monitor.service.wiring import references, registry
+
+    def _references(config):  # type: ignore[no-untyped-def]
+        return references(config, registry(config))
 
     uri = "http://127.0.0.1:5000"
     only_mlflow = _references(load_config(None, {"DRIFTLOOP__MLFLOW__TRACKING_URI": uri}))

@@ -60,8 +60,9 @@ def _aliases(config: Config, args: argparse.Namespace) -> int:
     """``promote`` and ``rollback``: the same lock and history as the daemon's."""
     import getpass
 
-    from connectors.registry import ModelRegistry, RegistryError
+    from connectors.registry import RegistryError
     from monitor.promotion import build_promoter
+    from monitor.service import wiring
     from retrain.evaluate import REPORT_PATH
     from retrain.promote import CHAMPION, GATE_PATH, PREVIOUS, PromotionError
 
@@ -70,8 +71,8 @@ def _aliases(config: Config, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     _mlflow_credentials(config)
-    registry = ModelRegistry(config.mlflow.tracking_uri, timeout_s=config.mlflow.request_timeout_seconds,
-                             max_retries=config.mlflow.max_retries)
+    registry = wiring.registry(config)
+    assert registry is not None
     who = getpass.getuser()
     try:
         promoter, history = build_promoter(config, registry, owner=f"cli:{who}")

@@ -13,12 +13,10 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from connectors.events import EventKind
@@ -40,18 +38,14 @@ from connectors.kafka import (
 from connectors.leader import LeaderLockError, leader_lock
 from connectors.mlflow_auth import apply_credentials
 from connectors.state import FencedOut, StateStore, open_state_store
-from connectors.store import FeedbackStore, SpillFiles, open_feedback_store
-from connectors.summaries import SummaryStore
-from monitor.alerting import AlertDispatcher, build_dispatcher
-from monitor.analysis import Analysis, AnalysisSpec, DirectoryReferences, NotYet, References
+from connectors.store import SpillFiles, open_feedback_store
+from monitor.analysis import NotYet
 from monitor.config import Config, ConfigError
 from monitor.incidents import Incident
 from monitor.ingest import Ingestor
-from monitor.join import JoinSpec
 from monitor.metrics import Metrics
-from monitor.promotion import PromotionController
 from monitor.reports import render_index, render_report
-from monitor.retraining import RetrainController
+from monitor.service import wiring
 from monitor.windows import WindowSpec
 
 __all__ = ["Daemon"]
@@ -115,8 +109,12 @@ class Daemon:
             timeout_s=config.http.timeout_seconds, max_connections=config.http.max_connections)
         self._pages_lock = threading.Lock()
         self._pages_state: StateStore | None = None
-        self.alerting = _alerting(config, self.metrics, self.http.port, self._render_report)
-        self.analysis = _analysis(config, self.metrics, self.store) if config.monitor.enabled else None
+        #: The one model registry client (None without mlflow.tracking_uri).
+        self.registry = wiring.registry(config) if config.monitor.enabled else None
+        self.alerting = wiring.alerting(config, self.metrics, self.http.port, self._render_report,
+                                        self.registry)
+        self.analysis = (wiring.analysis(config, self.metrics, self.store, self.registry)
+                         if config.monitor.enabled else None)
         self._analysis_wakeup = threading.Event()
         #: Several replicas (cluster.enabled): only the lock's holder decides, alerts,
         #: retrains and promotes; a single daemon is its own leader.
@@ -131,10 +129,12 @@ class Daemon:
         self._exit_code = 0
         self._leadership_thread = threading.Thread(target=self._leadership, name="leadership",
                                                    daemon=True)
-        self.promotion = _promotion(config, self._submit_evidence, self.metrics) if self.analysis else None
+        self.promotion = (wiring.promotion(config, self._submit_evidence, self.metrics, self.registry)
+                          if self.analysis else None)
         if self.promotion is not None and self.analysis is not None:
             self.analysis.label_listeners.append(self.promotion.on_labels)
-        self.retraining = _retraining(config, self._submit_evidence, self.metrics) if self.analysis else None
+        self.retraining = (wiring.retraining(config, self._submit_evidence, self.metrics, self.registry)
+                           if self.analysis else None)
         self._analysis_thread = threading.Thread(target=self._analyse, name="analysis", daemon=True)
         self._consumer: Any = None
         self._pending_seeks: dict[tuple[str, int], int] = {}
@@ -698,120 +698,6 @@ class Daemon:
         if report is None:
             return 404, "text/plain", b"no such incident\n"
         return 200, "text/html; charset=utf-8", report.encode()
-
-
-def _alerting(config: Config, metrics: Metrics, http_port: int,
-              render: Callable[[str], str | None]) -> AlertDispatcher | None:
-    """Alert delivery runs where the analysis runs (the replica that decides), and only
-    when sinks or a model registry (which keeps the reports) are configured
-    (docs/alerts.md)."""
-    if not config.monitor.enabled or not (config.alerts.sinks or config.mlflow.tracking_uri):
-        return None
-    host = config.http.host
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.getfqdn()
-    elif ":" in host:  # an IPv6 literal needs brackets in a URL
-        host = f"[{host}]"
-    base_url = config.alerts.base_url or f"http://{host}:{http_port}"
-    try:
-        archive = None
-        if config.mlflow.tracking_uri:
-            from connectors.registry import MlflowReportArchive, ModelRegistry
-
-            archive = MlflowReportArchive(ModelRegistry(
-                config.mlflow.tracking_uri, timeout_s=config.mlflow.request_timeout_seconds,
-                max_retries=config.mlflow.max_retries))
-        return build_dispatcher(config.alerts, source=config.kafka.group_id,
-                                state_path=config.storage, metrics=metrics,
-                                environ=os.environ, base_url=base_url, archive=archive,
-                                render=render)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _registry(config: Config) -> Any:
-    from connectors.registry import ModelRegistry
-
-    assert config.mlflow.tracking_uri is not None
-    return ModelRegistry(config.mlflow.tracking_uri, timeout_s=config.mlflow.request_timeout_seconds,
-                         max_retries=config.mlflow.max_retries)
-
-
-def _retraining(config: Config, submit: Callable[..., None], metrics: Metrics) -> RetrainController | None:
-    """Retraining runs where the analysis runs, when enabled (docs/retraining.md)."""
-    if not config.retrain.enabled:
-        return None
-    try:
-        return RetrainController(config, registry=_registry(config), submit=submit, metrics=metrics)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _promotion(config: Config, submit: Callable[..., None], metrics: Metrics) -> PromotionController | None:
-    """Promotion runs where the analysis runs, with a registry (docs/promotion.md)."""
-    if not (config.promotion.enabled and config.mlflow.tracking_uri):
-        return None
-    try:
-        return PromotionController(config, registry=_registry(config), submit=submit, metrics=metrics)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _references(config: Config) -> References | None:
-    """The model registry's references first (mlflow.tracking_uri), then reference_dir."""
-    sources: list[References] = []
-    if config.mlflow.tracking_uri:
-        # Imported here: mlflow takes seconds to import, and only this needs it.
-        from connectors.registry import ModelRegistry
-        from monitor.references import MlflowReferences
-
-        mf = config.mlflow
-        sources.append(MlflowReferences(ModelRegistry(
-            mf.tracking_uri, timeout_s=mf.request_timeout_seconds, max_retries=mf.max_retries)))
-    if config.monitor.reference_dir:
-        sources.append(DirectoryReferences(Path(config.monitor.reference_dir)))
-    if len(sources) > 1:
-        from monitor.references import FirstOf
-
-        return FirstOf(sources)
-    return sources[0] if sources else None
-
-
-def _analysis(config: Config, metrics: Metrics, store: FeedbackStore | None = None) -> Analysis:
-    m = config.monitor
-    window_ms = config.windows.size_seconds * 1000
-    spec = AnalysisSpec(
-        window_ms=window_ms,
-        join=JoinSpec(attribution_ms=m.attribution_seconds * 1000, label_types=m.label_types,
-                      window_ms=window_ms),
-        primary_label=m.primary,
-        period_ms=m.performance.period_seconds * 1000,
-        bootstrap_ms=m.bootstrap_seconds * 1000,
-        bootstrap_max_rows=m.bootstrap_max_rows,
-        bootstrap_min_rows=m.bootstrap_min_rows,
-        bootstrap_min_labels=m.bootstrap_min_labels,
-        stall_ms=m.stall_seconds * 1000,
-        resolve_after=m.resolve_after,
-        drift=m.drift.spec(),
-        performance=m.performance.spec(),
-        performance_k=m.performance.k,
-        performance_m=m.performance.m,
-        sequential=m.sequential.enabled,
-        arl0_events=m.sequential.arl0_events,
-        cusum_drops=m.sequential.drops,
-        labels_stall_ms=m.labels_stall_seconds * 1000,
-    )
-    # Its own connection: SQLite transactions are per connection, and this one runs on
-    # the analysis thread while the main thread checkpoints.
-    state = open_state_store(config.storage, group_id=config.kafka.group_id, instance=config.instance)
-    references = _references(config)
-    cluster = config.cluster.enabled
-    # The URL as configured (the store keeps a redacted copy for messages).
-    summaries = SummaryStore(config.storage.state_url or config.storage.state_path,
-                             group_id=config.kafka.group_id)
-    return Analysis(spec, state, config.kafka.predictions_topic, config.kafka.feedback_topic,
-                    references, metrics, summaries=summaries, cluster=cluster, leader=not cluster,
-                    store=store)
 
 
 def run_daemon(config: Config, *, on_ready: Callable[[Daemon], None] | None = None) -> int:
