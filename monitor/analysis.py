@@ -50,6 +50,7 @@ from monitor.detectors.sequential import AdaptiveBernoulliCUSUM
 from monitor.incidents import Incident, IncidentBook, Outcome, Severity, Signal, Transition
 from monitor.join import FeedbackIndex, JoinSpec, dedupe_predictions, matured_upto
 from monitor.metrics import Metrics
+from monitor.stalls import ProgressWatch, Stage
 from monitor.stats.drift import DriftDecider, DriftSpec, compare
 from monitor.stats.labels import LabelSummary, exchangeable_labels
 from monitor.stats.performance import PerformanceSpec, evaluate
@@ -199,8 +200,7 @@ class Analysis:
         self.last_error: str | None = None
         #: Stalled stages and why (`watch`): what /readyz reports.
         self.stalls: dict[str, str] = {}
-        #: stage -> (its pointer when last seen, when it last moved or had nothing waiting).
-        self._progress: dict[str, tuple[int | None, float]] = {}
+        self._watch = ProgressWatch(spec.stall_ms)
         self._stall_checked_upto = -1
         #: A step failed: what deciding holds in memory may be ahead of the store.
         self._stale = False
@@ -776,14 +776,11 @@ class Analysis:
     # -- watching the stages themselves --------------------------------------------------
 
     def watch(self, now_s: float | None = None) -> dict[str, str]:
-        """Whether drift and join are making progress; returns the stalled stages'
-        reasons (also in `stalls`, for /readyz).
+        """Whether drift and join are making progress (monitor/stalls.py); returns the
+        stalled passes' reasons (also in `stalls`, for /readyz).
 
-        Called after every step, failed or not: a stage that cannot move (a segment
-        lost from the store, a replica that stopped summarising, a bug that fails every
-        step) must not look like a quiet one. A stage is stalled when closed windows
-        wait for it and its pointer has not moved for ``stall_ms``; that is a critical
-        ``monitor_stalled`` incident, resolved once it moves again. Leader only.
+        Called after every step, failed or not, so that a pass that cannot move never
+        looks like a quiet one. Leader only: it commits ``monitor_stalled`` incidents.
         """
         now_s = time.monotonic() if now_s is None else now_s
         if not self.leader:
@@ -796,44 +793,26 @@ class Analysis:
                   "join": None if matured is None or pred_closed is None else min(matured, pred_closed)}
         stalls: dict[str, str] = {}
         signals: list[Signal] = []
-        for stage, bound in bounds.items():
-            pointer = self._pointer(f"{stage}_upto")
-            waiting = [] if bound is None else self.state.segment_windows(
-                self.pred_topic, None if pointer is None else pointer - 1, bound)
-            seen, since = self._progress.get(stage, (None, now_s))
-            if pointer != seen or not waiting:
-                since = now_s
-            self._progress[stage] = (pointer, since)
-            idle_s = now_s - since
-            self.metrics.stage_idle.labels(stage).set(idle_s)
-            firing = idle_s * 1000 > self.spec.stall_ms
-            self.metrics.stage_stalled.labels(stage).set(int(firing))
-            if firing:
-                stalls[stage] = self._stall_reason(stage, idle_s, waiting)
-            if firing or f"monitor_stalled/*/{stage}" in self.book.open:
-                first = waiting[0] if waiting else (pointer or 0)
-                signals.append(Signal(
-                    "monitor_stalled", "*", stage, firing, first, bound or first, Severity.CRITICAL,
-                    summary=stalls.get(stage, ""),
-                    evidence={"stage": stage, "idle_s": round(idle_s), "windows_waiting": len(waiting),
-                              "analysed_upto": _iso_or_none(pointer),
-                              "waiting_for": self._waiting.get(stage), "last_error": self.last_error}))
+        for name, bound in bounds.items():
+            pointer = self._pointer(f"{name}_upto")
+            waited = self._waiting.get(name) or {}
+            stage = Stage(name, pointer, bound,
+                          [] if bound is None else self.state.segment_windows(
+                              self.pred_topic, None if pointer is None else pointer - 1, bound),
+                          [r for r in waited.get("replicas", []) if r != self.instance],
+                          waited.get("window"))
+            idle_s = self._watch.idle_s(stage, now_s)
+            signal = self._watch.signal(stage, idle_s, last_error=self.last_error, iso=_iso)
+            self.metrics.stage_idle.labels(name).set(idle_s)
+            self.metrics.stage_stalled.labels(name).set(int(signal.firing))
+            if signal.firing:
+                stalls[name] = signal.summary
+            if signal.firing or signal.fingerprint in self.book.open:
+                signals.append(signal)
         self.stalls = stalls
         if signals:
             self._commit({}, signals)
         return stalls
-
-    def _stall_reason(self, stage: str, idle_s: float, waiting: list[int]) -> str:
-        why = ""
-        others = [r for r in (self._waiting.get(stage) or {}).get("replicas", []) if r != self.instance]
-        if others:
-            w = self._waiting[stage]
-            why = f"; waiting for the summaries of {', '.join(others)} for window {w['window']}"
-        if self.last_error:
-            why += f"; the last error: {self.last_error[:200]}"
-        idle = f"{idle_s:.0f} s" if idle_s < 120 else f"{idle_s / 60:.0f} min"
-        return (f"{stage} analysis has made no progress for {idle} with "
-                f"{len(waiting)} closed window(s) waiting, from {_iso(waiting[0])}{why}")
 
     # -- incidents and persistence -------------------------------------------------------
 

@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
 #: Pure packages: numbers in, numbers out. No Kafka, no files, no network, no clock, no logging.
 PURE = ("monitor.stats", "monitor.detectors")
 #: The stages that are pure too, beside the analysis that does their I/O.
-PURE_STAGES = ("monitor.incidents", "monitor.join", "monitor.windows")
+PURE_STAGES = ("monitor.incidents", "monitor.join", "monitor.stalls", "monitor.windows")
 FORBIDDEN_IN_PURE = {"connectors", "kafka", "sqlite3", "socket", "http", "urllib", "httpx", "requests",
                      "mlflow", "subprocess", "time", "datetime", "logging", "threading", "os",
                      "pyarrow.parquet", "pyarrow.ipc"}
